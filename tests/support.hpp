@@ -1,0 +1,51 @@
+// Helpers shared by the test programs: scalar type lists, tolerances and random inputs.
+#pragma once
+
+#include <mhc/common.hpp>
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <random>
+
+namespace mhc::test {
+
+// Storage types that every typed test runs over.
+using ScalarTypes = ::testing::Types<float, double>;
+
+// Machine epsilon of Scalar as a double.
+template <typename Scalar>
+double epsilon() {
+  return static_cast<double>(std::numeric_limits<Scalar>::epsilon());
+}
+
+// Absolute tolerance for a quantity of magnitude about 1 computed with about `operations`
+// rounding steps in Scalar: a safety factor of 8 over the worst-case linear growth of
+// `operations` * epsilon. Every tolerance in the tests comes from here or says why it differs.
+template <typename Scalar>
+double tolerance(double operations) {
+  return 8.0 * operations * epsilon<Scalar>();
+}
+
+// Matrix with entries drawn from N(0, scale^2), reproducible from `seed`.
+template <typename Scalar>
+RowMatrix<Scalar> random_matrix(Eigen::Index rows, Eigen::Index cols, std::uint32_t seed,
+                                double scale = 1.0) {
+  std::mt19937 generator(seed);
+  std::normal_distribution<double> normal(0.0, scale);
+  RowMatrix<Scalar> matrix(rows, cols);
+  for (Eigen::Index i = 0; i < matrix.size(); ++i) {
+    matrix.data()[i] = static_cast<Scalar>(normal(generator));
+  }
+  return matrix;
+}
+
+// Central finite-difference derivative of a scalar function f(t) at t = 0, in double.
+template <typename Function>
+double central_difference(Function&& f, double step) {
+  return (f(step) - f(-step)) / (2.0 * step);
+}
+
+}  // namespace mhc::test
