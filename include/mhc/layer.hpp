@@ -22,6 +22,8 @@ namespace mhc {
 // Learned parameters of one mHC layer.
 template <typename Scalar>
 struct Parameters {
+  using scalar_type = Scalar;
+
   int streams = 0;   // n
   int channels = 0;  // C
   // (n*C) x (n*n + 2n), columns [pre (n) | post (n) | res (n*n)]. Column 2n + i*n + j produces

@@ -23,6 +23,15 @@ struct AggregateGradients {
   RowMatrix<Scalar> pre;  // T x n: <dh_in, x[stream i]>
 };
 
+// Result of the backward pass of a coefficient rule (mHC, static HC, dynamic HC, mHC-lite):
+// the gradient of the state x through the coefficients (T x n*C) and the gradients of the rule's
+// learned values, stored field by field in an object of the rule's own parameters type.
+template <typename ParametersType>
+struct CoefficientsBackward {
+  RowMatrix<typename ParametersType::scalar_type> x;
+  ParametersType parameters;
+};
+
 // Backward of merge_streams(coefficients, x, branch_output) given grad_x_next (T x n*C).
 // Only coefficients.post and coefficients.res are read; coefficients.pre must still have the
 // matching shape.
