@@ -2,4 +2,7 @@
 #pragma once
 
 #include <mhc/common.hpp>
+#include <mhc/layer.hpp>
+#include <mhc/layer_backward.hpp>
 #include <mhc/sinkhorn.hpp>
+#include <mhc/streams.hpp>

@@ -4,6 +4,7 @@
 #include <mhc/common.hpp>
 
 #include <cmath>
+#include <vector>
 
 namespace mhc {
 
@@ -35,6 +36,40 @@ auto sinkhorn_knopp(const Eigen::MatrixBase<Derived>& logits, const SinkhornOpti
     matrix.array().colwise() /= matrix.rowwise().sum().array();
   }
   return matrix;
+}
+
+
+// Gradient with respect to the logits of sinkhorn_knopp(logits, options), given grad_output:
+// the exact derivative of the truncated iteration, recomputing the iterates.
+// TODO: minimal version (no validation, no log-domain path, no early stop).
+template <typename Derived, typename GradDerived>
+auto sinkhorn_knopp_backward(const Eigen::MatrixBase<Derived>& logits,
+                             const Eigen::MatrixBase<GradDerived>& grad_output,
+                             const SinkhornOptions& options = {}) {
+  using Matrix = typename Derived::PlainObject;
+  std::vector<Matrix> before_columns, before_rows;
+  Matrix matrix = (logits.rowwise() - logits.colwise().maxCoeff()).array().exp().matrix();
+  const Matrix initial = matrix;
+  for (int round = 0; round < options.iterations; ++round) {
+    before_columns.push_back(matrix);
+    matrix.array().rowwise() /= matrix.colwise().sum().array();
+    before_rows.push_back(matrix);
+    matrix.array().colwise() /= matrix.rowwise().sum().array();
+  }
+  Matrix grad = grad_output;
+  for (int round = options.iterations - 1; round >= 0; --round) {
+    // Y = Z / rowsum(Z): dZ = (dY - rowsum(dY * Y)) / rowsum(Z)
+    const Matrix& z = before_rows[round];
+    const Matrix y = (z.array().colwise() / z.rowwise().sum().array()).matrix();
+    const auto row_inner = (grad.array() * y.array()).rowwise().sum().eval();
+    grad = ((grad.array().colwise() - row_inner).colwise() / z.rowwise().sum().array()).matrix();
+    // Z = X / colsum(X): dX = (dZ - colsum(dZ * Z)) / colsum(X)
+    const Matrix& x = before_columns[round];
+    const Matrix zz = (x.array().rowwise() / x.colwise().sum().array()).matrix();
+    const auto column_inner = (grad.array() * zz.array()).colwise().sum().eval();
+    grad = ((grad.array().rowwise() - column_inner).rowwise() / x.colwise().sum().array()).matrix();
+  }
+  return Matrix((grad.array() * initial.array()).matrix());
 }
 
 }  // namespace mhc

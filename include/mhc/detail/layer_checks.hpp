@@ -1,0 +1,84 @@
+// Argument checks shared by the layer's entry points. Each throws std::invalid_argument whose
+// message names the function, the argument, the expected and the actual value.
+#pragma once
+
+#include <mhc/common.hpp>
+
+#include <cmath>
+
+namespace mhc::detail {
+
+inline void check_positive(const char* function, const char* argument, long long value) {
+  if (value < 1) throw_invalid_argument(function, argument, "a positive value", concat(value));
+}
+
+// Throws unless `state` is T x (streams * channels).
+template <typename Derived>
+void check_state(const char* function, const char* argument, const Eigen::DenseBase<Derived>& state,
+                 int streams, int channels) {
+  const Eigen::Index width = Eigen::Index(streams) * channels;
+  if (state.cols() != width) {
+    throw_invalid_argument(function, argument,
+                           concat(width, " columns (streams * channels = ", streams, " * ", channels, ")"),
+                           concat(state.cols(), " columns"));
+  }
+}
+
+// Throws unless the column count of `matrix` is a multiple of `divisor` (at least `divisor`).
+template <typename Derived>
+void check_width_multiple(const char* function, const char* argument,
+                          const Eigen::DenseBase<Derived>& matrix, Eigen::Index divisor) {
+  if (matrix.cols() < divisor || matrix.cols() % divisor != 0) {
+    throw_invalid_argument(function, argument,
+                           concat("a positive multiple of ", divisor, " columns (one block of channels per stream)"),
+                           concat(matrix.cols(), " columns"));
+  }
+}
+
+template <typename Scalar>
+void check_finite_scalar(const char* function, const char* argument, Scalar value) {
+  if (!std::isfinite(static_cast<double>(value))) {
+    throw_invalid_argument(function, argument, "a finite value", concat(static_cast<double>(value)));
+  }
+}
+
+// Throws unless the parameters are self-consistent: n >= 1, C >= 1, phi (n*C) x (n*n + 2n),
+// bias of n*n + 2n entries, finite alphas.
+template <typename ParametersType>
+void check_parameters(const char* function, const ParametersType& parameters) {
+  check_positive(function, "parameters.streams", parameters.streams);
+  check_positive(function, "parameters.channels", parameters.channels);
+  const Eigen::Index rows = Eigen::Index(parameters.streams) * parameters.channels;
+  const Eigen::Index cols = parameters.coefficient_count();
+  check_shape(function, "parameters.phi", parameters.phi, rows, cols);
+  if (parameters.bias.size() != cols) {
+    throw_invalid_argument(function, "parameters.bias",
+                           concat(cols, " entries (streams * streams + 2 * streams)"),
+                           concat(parameters.bias.size(), " entries"));
+  }
+  check_finite_scalar(function, "parameters.alpha_pre", parameters.alpha_pre);
+  check_finite_scalar(function, "parameters.alpha_post", parameters.alpha_post);
+  check_finite_scalar(function, "parameters.alpha_res", parameters.alpha_res);
+}
+
+template <typename OptionsType>
+void check_options(const char* function, const OptionsType& options) {
+  if (!(options.rms_epsilon > 0.0) || !std::isfinite(options.rms_epsilon)) {
+    throw_invalid_argument(function, "options.rms_epsilon", "a positive finite value",
+                           concat(options.rms_epsilon));
+  }
+}
+
+// Throws unless the coefficients describe `tokens` tokens of one stream count n >= 1
+// (pre and post T x n, res T x n*n); returns n.
+template <typename CoefficientsType>
+int check_coefficients(const char* function, const CoefficientsType& coefficients, Eigen::Index tokens) {
+  const Eigen::Index n = coefficients.pre.cols();
+  if (n < 1) throw_invalid_argument(function, "coefficients.pre", "at least 1 column (one per stream)", "0 columns");
+  check_shape(function, "coefficients.pre", coefficients.pre, tokens, n);
+  check_shape(function, "coefficients.post", coefficients.post, tokens, n);
+  check_shape(function, "coefficients.res", coefficients.res, tokens, n * n);
+  return static_cast<int>(n);
+}
+
+}  // namespace mhc::detail
