@@ -137,7 +137,9 @@ void expect_near_golden(const RowMatrix<Scalar>& actual, const RowMatrix<double>
 
 template <typename Scalar>
 class GoldenTest : public ::testing::Test {};
-TYPED_TEST_SUITE(GoldenTest, mhc::test::ScalarTypes);
+// The empty third argument (the default name generator) keeps Clang's
+// -Wgnu-zero-variadic-macro-arguments quiet with GoogleTest 1.12.
+TYPED_TEST_SUITE(GoldenTest, mhc::test::ScalarTypes, );
 
 TYPED_TEST(GoldenTest, CoefficientsMatchReference) {
   using Scalar = TypeParam;
