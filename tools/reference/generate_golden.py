@@ -10,8 +10,9 @@ on PATH may be a build without torch.
 DIR defaults to tests/data of the repository that contains this script. Every case
 uses a fixed seed, so a rerun with the same PyTorch build rewrites identical files. The
 format is described in tools/reference/README.md. Before writing a layer case, the
-script checks that the case can tell a correct layer from common mistakes (a transposed H_res, a
-missing factor 2 in H_post, no mixing at all) and raises AssertionError if it cannot.
+script checks that the case can tell a correct layer from common mistakes (a
+transposed H_res, a missing factor 2 in H_post, no mixing at all) and raises
+AssertionError if it cannot.
 """
 
 import argparse
