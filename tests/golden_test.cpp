@@ -200,6 +200,33 @@ TYPED_TEST(GoldenTest, SinkhornMatchesReference) {
   }
 }
 
+TYPED_TEST(GoldenTest, SinkhornBackwardMatchesReference) {
+  using Scalar = TypeParam;
+  const GoldenFile file = GoldenFile::load(golden_path("sinkhorn.txt"));
+  for (const int n : {1, 2, 3, 4, 8}) {
+    for (const int scale : {1, 4}) {
+      for (const int iterations : {1, 5, 20}) {
+        const std::string prefix =
+            mhc::detail::concat("n", n, "_scale", scale, "_iter", iterations);
+        SCOPED_TRACE(prefix);
+        const RowMatrix<double>& logits = file.array(prefix + ".logits");
+        const RowMatrix<double>& grad_output = file.array(prefix + ".grad_output");
+        mhc::SinkhornOptions options;
+        options.iterations = iterations;
+        // The backward replays every round once more in reverse, so it has about twice the
+        // forward's rounding steps, scaled by the size of the upstream gradient.
+        const double tolerance = mhc::test::tolerance<Scalar>(
+            2.0 * sinkhorn_operations(logits, iterations) * std::max(1.0, grad_output.cwiseAbs().maxCoeff()));
+
+        const RowMatrix<Scalar> grad_logits = mhc::sinkhorn_knopp_backward(
+            logits.cast<Scalar>().eval(), grad_output.cast<Scalar>().eval(), options);
+
+        expect_near_golden(grad_logits, file.array(prefix + ".grad_logits"), tolerance, "grad_logits");
+      }
+    }
+  }
+}
+
 // Recomputes x_next from the golden coefficients and branch output, with H_res transposed if
 // `transpose_res` and H_post multiplied by `post_factor`. The test below requires each mistake
 // to move x_next far beyond the float tolerance, or the comparisons above could not catch it.
