@@ -51,8 +51,9 @@ ReferenceCoefficients reference_coefficients(const Parameters<Scalar>& parameter
   for (int column = 0; column < parameters.coefficient_count(); ++column) {
     double projection = 0.0;
     for (Eigen::Index k = 0; k < width; ++k) projection += double(x(t, k)) * double(parameters.phi(k, column));
-    const double alpha = column < n ? double(parameters.alpha_pre)
-                         : column < 2 * n ? double(parameters.alpha_post) : double(parameters.alpha_res);
+    double alpha = double(parameters.alpha_res);
+    if (column < 2 * n) alpha = double(parameters.alpha_post);
+    if (column < n) alpha = double(parameters.alpha_pre);
     logits[std::size_t(column)] = alpha * projection / r + double(parameters.bias(column));
   }
 

@@ -291,7 +291,9 @@ TYPED_TEST(VariantsTyped, LiteMatchesHandComputation) {
     for (int col = 0; col < 12; ++col) {
       double projection = 0.0;
       for (Eigen::Index k = 0; k < x.cols(); ++k) projection += double(x(t, k)) * double(parameters.phi(k, col));
-      const double alpha = col < n ? parameters.alpha_pre : col < 2 * n ? parameters.alpha_post : parameters.alpha_res;
+      double alpha = parameters.alpha_res;
+      if (col < 2 * n) alpha = parameters.alpha_post;
+      if (col < n) alpha = parameters.alpha_pre;
       logits[std::size_t(col)] = alpha * projection / r + double(parameters.bias(col));
     }
     double total = 0.0;
@@ -338,7 +340,7 @@ TYPED_TEST(VariantsTyped, DynamicMatchesHandComputation) {
       EXPECT_NEAR(double(coefficients.pre(t, j)), a_m, bound);
       EXPECT_NEAR(double(coefficients.post(t, j)), b, bound);
       for (int i = 0; i < n; ++i) {
-        // A_r[j][i]: source j, destination i; this library's H_res[i][j].
+        // A_r[j][i] (source j, destination i) is this library's H_res[i][j].
         const double a_r = parameters.alpha_scale * std::tanh(project(j, parameters.res_weight, i)) +
                            parameters.static_res(j, i);
         EXPECT_NEAR(double(coefficients.res(t, i * n + j)), a_r, bound) << "destination " << i << " source " << j;

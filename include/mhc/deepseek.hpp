@@ -3,9 +3,10 @@
 // Sources read: deepseek-ai/TileKernels, tile_kernels/modeling/mhc/functional.py (mhc_pre, whose
 // defaults are post_mult_value = 1.0, pre_eps = sinkhorn_eps = norm_eps = 1e-6 and
 // sinkhorn_repeat = 10), and the TileLang kernels tile_kernels/mhc/pre_split_mixes_kernel.py,
-// sinkhorn_kernel.py and post_kernel.py of the same project (read in the jingqiny-99/TileKernels
-// copy); the DeepSeek-V4 inference code (Block.hc_pre, Block.hc_post, hc_split_sinkhorn) computes
-// the same rule with a fixed post multiplier of 2 and 20 Sinkhorn repeats.
+// sinkhorn_kernel.py and post_kernel.py of the same project, read in the jingqiny-99/TileKernels
+// copy. Public copies of the DeepSeek-V4 inference code (Block.hc_pre, Block.hc_post and
+// hc_split_sinkhorn) compute the same rule with a post multiplier of 2 and 20 Sinkhorn repeats.
+// NOTE: those copies were read in third-party repositories, not in DeepSeek's own release.
 //
 // Their layout and rule, per token of x (n streams of C channels, vec(x) of n*C values):
 //   fn    [n(n+2), n*C]  rows [pre (n) | post (n) | comb (n*n)]; fn = phi^T
@@ -49,7 +50,7 @@ struct DeepSeekOptions {
   double rms_epsilon = 1e-6;       // norm_eps: mixes divide by sqrt(mean(vec(x)^2) + rms_epsilon)
   double pre_epsilon = 1e-6;       // added to sigmoid for H_pre
   double sinkhorn_epsilon = 1e-6;  // added after the softmax and to every normalising sum
-  int sinkhorn_repeat = 20;        // one column pass, then repeat - 1 (row, column) passes; >= 1
+  int sinkhorn_repeat = 20;        // at least 1: one column pass, then repeat - 1 (row, column) passes
   double post_multiplier = 2.0;    // H_post = post_multiplier * sigmoid
 };
 
@@ -98,8 +99,9 @@ inline int library_res_index(int source, int destination, int streams) { return 
 }  // namespace detail
 
 // DeepSeek's Sinkhorn variant on an n x n matrix of logits in their orientation (row = source).
-// Softmax along each row, plus epsilon; then divide each column by (its sum + epsilon); then
-// repeat - 1 times divide each row by (its sum + epsilon) and each column by (its sum + epsilon).
+// It takes a softmax along each row and adds epsilon to every entry. Then it divides each column
+// by (its sum + epsilon), and repeat - 1 more times divides each row by (its sum + epsilon) and
+// then each column by (its sum + epsilon).
 // Columns go last, so each destination's incoming weights sum to 1 up to epsilon. With
 // epsilon = 0 this equals sinkhorn_knopp(logits^T) with repeat iterations, transposed.
 template <typename Derived>
@@ -254,8 +256,8 @@ inline DeepSeekOptions to_deepseek_options(const Options& options) {
 }
 
 // Options equivalent to DeepSeek settings. Throws unless both epsilons are 0 and the post
-// multiplier is 2, because Options cannot express those differences; compute the coefficients
-// with compute_deepseek_coefficients instead.
+// multiplier is 2, because Options cannot express those differences. Settings with them need
+// compute_deepseek_coefficients instead.
 inline Options to_options(const DeepSeekOptions& deepseek) {
   const char* function = "mhc::to_options";
   detail::check_deepseek_options(function, deepseek);

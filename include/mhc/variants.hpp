@@ -42,7 +42,7 @@ inline const char* to_string(Connection connection) {
   return "unknown";
 }
 
-// Parses a name written by to_string; throws std::invalid_argument listing the valid names.
+// Parses a name written by to_string. Any other name throws std::invalid_argument listing the valid ones.
 inline Connection parse_connection(const std::string& name) {
   for (Connection connection : {Connection::residual, Connection::static_hc, Connection::dynamic_hc,
                                 Connection::mhc, Connection::mhc_lite}) {
@@ -269,7 +269,7 @@ Coefficients<Scalar> compute_coefficients(const StaticParameters<Scalar>& parame
   return coefficients;
 }
 
-// Computes the Hyper-Connections coefficients of every token of x (T x n*C); see DynamicParameters.
+// Computes the Hyper-Connections coefficients of every token of x (T x n*C), as DynamicParameters describes.
 template <typename Scalar>
 Coefficients<Scalar> compute_coefficients(const DynamicParameters<Scalar>& parameters,
                                           const ConstRowMatrixRef<Scalar>& x, const Options& options = {}) {
@@ -302,7 +302,7 @@ Coefficients<Scalar> compute_coefficients(const DynamicParameters<Scalar>& param
   return coefficients;
 }
 
-// Computes the mHC-lite coefficients of every token of x (T x n*C); see LiteParameters.
+// Computes the mHC-lite coefficients of every token of x (T x n*C), as LiteParameters describes.
 template <typename Scalar>
 Coefficients<Scalar> compute_coefficients(const LiteParameters<Scalar>& parameters,
                                           const ConstRowMatrixRef<Scalar>& x, const Options& options = {}) {
@@ -493,7 +493,8 @@ CoefficientsBackward<LiteParameters<Scalar>> compute_coefficients_backward(
     }
     weights = (weights.array() - weights.maxCoeff()).exp().matrix();
     weights /= weights.sum();
-    // d weight_k = sum_i dH_res[i][sigma_k(i)]; softmax backward: dl = w .* (dw - <w, dw>).
+    // H_res sums w_k P_k, so d w_k = sum_i dH_res[i][sigma_k(i)]. The softmax then gives
+    // d logits = w .* (dw - <w, dw>).
     RowVector<Scalar> grad_weights(permutations);
     for (int k = 0; k < permutations; ++k) {
       Scalar sum(0);
@@ -523,9 +524,9 @@ CoefficientsBackward<LiteParameters<Scalar>> compute_coefficients_backward(
   return result;
 }
 
-// One block's residual connection under any of the rules above. The rule is chosen by Connection
-// at creation; every method dispatches to that rule's coefficients and then to the shared
-// aggregation and merge of layer.hpp.
+// One block's residual connection under any of the rules above. Connection chooses the rule at
+// creation. Every method computes that rule's coefficients and then runs the shared aggregation
+// and merge of layer.hpp.
 template <typename Scalar>
 class HyperConnection {
  public:
@@ -535,9 +536,10 @@ class HyperConnection {
 
   explicit HyperConnection(Rule parameters) : parameters_(std::move(parameters)) {}
 
-  // Creates the rule's identity-like initialisation for layer `layer_index`: every rule then reads
-  // stream layer_index mod n (exactly or nearly) and keeps the streams (nearly) unmixed.
-  // Connection::residual requires streams == 1; mhc_lite at most 6 streams.
+  // Creates the rule's identity-like initialisation for layer `layer_index`. Every rule then reads
+  // stream layer_index mod n and keeps the streams unmixed: exactly for residual, static_hc and
+  // dynamic_hc, nearly for mhc and mhc_lite. Connection::residual requires streams == 1, and
+  // mhc_lite accepts at most 6 streams.
   static HyperConnection create(Connection connection, int streams, int channels, int layer_index) {
     switch (connection) {
       case Connection::residual:
@@ -571,7 +573,7 @@ class HyperConnection {
     return std::visit([](const auto& parameters) { return parameters.channels; }, parameters_);
   }
 
-  // The rule's parameters; std::get<StaticParameters<Scalar>>(block.parameters()) and so on.
+  // The rule's parameters, read with std::get<StaticParameters<Scalar>>(block.parameters()) and so on.
   const Rule& parameters() const { return parameters_; }
   Rule& parameters() { return parameters_; }
 
