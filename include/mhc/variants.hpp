@@ -27,6 +27,9 @@
 
 namespace mhc {
 
+// Largest stream count that mHC-lite accepts, because its logits grow as n!.
+inline constexpr int max_lite_streams = detail::max_lite_streams;
+
 // The residual-connection rule of a block. The order matches HyperConnection::Rule.
 enum class Connection { residual, static_hc, dynamic_hc, mhc, mhc_lite };
 
@@ -111,7 +114,7 @@ struct DynamicParameters {
 // mHC-lite. H_pre and H_post follow mHC exactly. H_res = sum_k softmax(res logits)_k P_k over the
 // n! permutations sigma_k of {0..n-1} in lexicographic order of (sigma_k(0), ..., sigma_k(n-1)),
 // where P_k[i][sigma_k(i)] = 1: output stream i reads input stream sigma_k(i). k = 0 is the
-// identity. Accepts at most detail::max_lite_streams (6) streams because the logits grow as n!.
+// identity. Accepts at most max_lite_streams (6) streams because the logits grow as n!.
 template <typename Scalar>
 struct LiteParameters {
   using scalar_type = Scalar;
