@@ -21,7 +21,7 @@ using mhc::test::tolerance;
 
 template <typename Scalar>
 class DeepSeekTyped : public ::testing::Test {};
-TYPED_TEST_SUITE(DeepSeekTyped, mhc::test::ScalarTypes);
+TYPED_TEST_SUITE(DeepSeekTyped, mhc::test::ScalarTypes, mhc::test::ScalarTypeNames);
 
 template <typename Scalar>
 DeepSeekParameters<Scalar> random_deepseek(int streams, int channels, std::uint32_t seed, bool with_norm_weight) {

@@ -22,7 +22,7 @@ using mhc::test::tolerance;
 
 template <typename Scalar>
 class LayerTyped : public ::testing::Test {};
-TYPED_TEST_SUITE(LayerTyped, mhc::test::ScalarTypes);
+TYPED_TEST_SUITE(LayerTyped, mhc::test::ScalarTypes, mhc::test::ScalarTypeNames);
 
 // A fixed nonlinear branch: F(h) = tanh(h) + 0.5, which is neither h nor a multiple of it.
 template <typename Scalar>

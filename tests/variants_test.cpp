@@ -29,7 +29,7 @@ const Connection kConnections[] = {Connection::residual, Connection::static_hc, 
 
 template <typename Scalar>
 class VariantsTyped : public ::testing::Test {};
-TYPED_TEST_SUITE(VariantsTyped, mhc::test::ScalarTypes);
+TYPED_TEST_SUITE(VariantsTyped, mhc::test::ScalarTypes, mhc::test::ScalarTypeNames);
 
 // A fixed nonlinear branch, so that F(h) differs from h and from any linear map of it.
 template <typename Scalar>
