@@ -103,6 +103,7 @@ struct DynamicParameters {
   RowVector<Scalar> static_pre;   // A_m static part, n entries
   RowVector<Scalar> static_post;  // B static part, n entries
   RowMatrix<Scalar> static_res;   // A_r static part, n x n, row = source stream, column = destination
+  // NOTE: the initial 0.01 follows mHC's alphas; it is not taken from the HC paper.
   Scalar alpha_scale = Scalar(0.01);  // s_alpha, shared by A_m and A_r
   Scalar beta_scale = Scalar(0.01);   // s_beta
 
