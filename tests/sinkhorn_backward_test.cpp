@@ -105,8 +105,8 @@ TEST(SinkhornBackward, ZeroRoundsMatchesFiniteDifferences) {
   EXPECT_LE(finite_difference_error(logits, upstream, make_options(0)), 1e-7);
 }
 
-// With the tolerance set, the derivative is that of the rounds that actually ran; away from
-// the round where the stop changes, the finite difference sees the same round count.
+// With the tolerance set, the derivative is that of the rounds that ran. Away from the point
+// where the stopping round changes, the perturbed forward passes run the same round count.
 TEST(SinkhornBackward, EarlyStopMatchesFiniteDifferences) {
   const RowMatrix<double> upstream = mhc::test::random_matrix<double>(4, 4, 107, 1.0);
   const RowMatrix<double> logits = mhc::test::random_matrix<double>(4, 4, 108, 1.0);
@@ -127,7 +127,7 @@ TEST(SinkhornBackward, FallbackMatchesFiniteDifferences) {
 
 template <typename Scalar>
 class SinkhornBackwardTest : public ::testing::Test {};
-TYPED_TEST_SUITE(SinkhornBackwardTest, mhc::test::ScalarTypes);
+TYPED_TEST_SUITE(SinkhornBackwardTest, mhc::test::ScalarTypes, mhc::test::ScalarTypeNames);
 
 TYPED_TEST(SinkhornBackwardTest, MatchesDouble) {
   using Scalar = TypeParam;

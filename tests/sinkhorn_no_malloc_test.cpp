@@ -1,6 +1,6 @@
 // The forward projection of fixed-size matrices, and the batched projection into a
 // caller-provided output, must not allocate. Eigen reports heap allocations through
-// eigen_assert when EIGEN_RUNTIME_NO_MALLOC is defined; this file counts those reports instead
+// eigen_assert when EIGEN_RUNTIME_NO_MALLOC is defined. This file counts those reports instead
 // of relying on assert, so the check also runs in Release builds where NDEBUG disables assert.
 #include <atomic>
 
@@ -41,7 +41,7 @@ int failures_without_malloc(Call&& call) {
 
 template <typename Scalar>
 class SinkhornNoMallocTest : public ::testing::Test {};
-TYPED_TEST_SUITE(SinkhornNoMallocTest, mhc::test::ScalarTypes);
+TYPED_TEST_SUITE(SinkhornNoMallocTest, mhc::test::ScalarTypes, mhc::test::ScalarTypeNames);
 
 TYPED_TEST(SinkhornNoMallocTest, GuardDetectsAllocation) {
   using Scalar = TypeParam;

@@ -74,7 +74,7 @@ std::string invalid_argument_message(Call&& call) {
 
 template <typename Scalar>
 class SinkhornTest : public ::testing::Test {};
-TYPED_TEST_SUITE(SinkhornTest, mhc::test::ScalarTypes);
+TYPED_TEST_SUITE(SinkhornTest, mhc::test::ScalarTypes, mhc::test::ScalarTypeNames);
 
 TYPED_TEST(SinkhornTest, RowSumsExact) {
   using Scalar = TypeParam;

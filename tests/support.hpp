@@ -9,11 +9,24 @@
 #include <cstdint>
 #include <limits>
 #include <random>
+#include <string>
+#include <type_traits>
 
 namespace mhc::test {
 
 // Storage types that every typed test runs over.
 using ScalarTypes = ::testing::Types<float, double>;
+
+// Names typed tests after their scalar type ("float", "double"). Pass it as the third argument
+// of TYPED_TEST_SUITE: Clang's -Wpedantic rejects the macro's empty variadic argument otherwise.
+struct ScalarTypeNames {
+  template <typename Scalar>
+  static std::string GetName(int) {
+    if (std::is_same<Scalar, float>::value) return "float";
+    if (std::is_same<Scalar, double>::value) return "double";
+    return "other";
+  }
+};
 
 // Machine epsilon of Scalar as a double.
 template <typename Scalar>

@@ -17,17 +17,17 @@
 
 namespace mhc {
 
-// How the rounds are computed. Both give the same result to rounding.
+// Formulation of the rounds. Both give the same result to rounding.
 enum class SinkhornMethod {
-  // Sums of exp(logits - column maximum). Fast; falls back to log_domain for a matrix where a
-  // row or column sum underflows, for example a column that mixes 0 and -1e4.
+  // Sums of exp(logits - column maximum). The faster one. It falls back to log_domain for a
+  // matrix where a row or column sum underflows, for example a column that mixes 0 and -1e4.
   linear,
-  // Alternating column and row log-sum-exp subtraction. About n^2 exp calls per half round more
-  // than linear, finite for any finite logits.
+  // Alternating column and row log-sum-exp subtraction. It costs n^2 exp calls per half round,
+  // which linear avoids, and stays finite for any finite logits.
   log_domain,
 };
 
-// Which derivative sinkhorn_knopp_backward returns.
+// Kind of derivative that sinkhorn_knopp_backward returns.
 enum class SinkhornGradient {
   // Exact vector-Jacobian product of the rounds that the forward pass ran.
   unrolled,
@@ -153,8 +153,9 @@ typename Derived::PlainObject sinkhorn_knopp(const Eigen::MatrixBase<Derived>& l
 
 // Returns the gradient with respect to `logits`, given `grad_output`, the gradient with respect
 // to sinkhorn_knopp(logits, options). With SinkhornGradient::unrolled it is the exact derivative
-// of the rounds that the forward pass ran (fewer when the tolerance stopped it, the log-domain
-// rounds when it fell back to them); the iterates are recomputed, not stored by the caller.
+// of the rounds that the forward pass ran: fewer when the tolerance stopped it, and the
+// log-domain rounds when it fell back to them. The iterates are recomputed internally, so the
+// caller keeps nothing from the forward pass.
 // NOTE: allocates 2 * n * options.iterations scalars of scratch (and the implicit solver's
 // buffers) even for fixed-size input; the batched form allocates them once per call.
 template <typename Derived, typename GradDerived>
@@ -185,7 +186,7 @@ typename Derived::PlainObject sinkhorn_knopp_backward(
   return grad;
 }
 
-// Projects T matrices stored one per row: `logits` is T x (n * n) and row t holds token t's
+// Projects T matrices stored one per row: `logits` is T x (n * n) and row t contains token t's
 // n x n logits in row-major order. Writes the projections in the same layout into `output`,
 // which must be T x (n * n) and may not alias `logits`. Allocates nothing when `logits` is a
 // row-major matrix with contiguous rows (otherwise it is copied once into that layout).

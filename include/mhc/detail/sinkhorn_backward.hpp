@@ -9,9 +9,9 @@
 
 namespace mhc::detail {
 
-// Vector-Jacobian product of linear_rounds. On entry `state` holds the iterate after `rounds`
-// rounds and `grad` the gradient with respect to it; on return `grad` holds the gradient with
-// respect to the logits and `state` the first iterate exp(logits - column maximum).
+// Vector-Jacobian product of linear_rounds. On entry `state` contains the iterate after
+// `rounds` rounds and `grad` the gradient with respect to it. On return `grad` contains the
+// gradient with respect to the logits and `state` the first iterate exp(logits - column max).
 //
 // Each normalisation Y = X / s (s the sums along one axis) has the backward
 // dX = (dY - sum(dY * Y)) / s with the inner sum along the same axis, and X = Y * s rebuilds
@@ -39,9 +39,9 @@ void linear_backward(Eigen::MatrixBase<StateDerived>& state, Eigen::MatrixBase<G
   grad = grad.cwiseProduct(state);
 }
 
-// Vector-Jacobian product of log_domain_rounds. On entry `state` holds the log-domain state
+// Vector-Jacobian product of log_domain_rounds. On entry `state` contains the log-domain state
 // after `rounds` rounds (the output is exp(state)) and `grad` the gradient with respect to the
-// output; on return `grad` holds the gradient with respect to the logits.
+// output. On return `grad` contains the gradient with respect to the logits.
 //
 // Each step Z = X - logsumexp(X) along one axis has the backward
 // dX = dZ - exp(Z) * sum(dZ) along that axis, and X = Z + logsumexp rebuilds the earlier state.
@@ -104,8 +104,9 @@ void unrolled_backward(const Eigen::MatrixBase<LogitsDerived>& logits,
 // solver fixes b[n-1] = 0 and solves the leading (n-1) x (n-1) block with LDL^T.
 //
 // The buffers are sized once, so one solver serves a whole batch without reallocating them.
-// NOTE: near a permutation matrix I - P^T P is nearly singular and the result loses about
-// log10(1 / smallest nonzero off-permutation entry) digits; in float that can reach 1e-3.
+// NOTE: near a permutation matrix I - P^T P is nearly singular, so the result loses about
+// log10(1 / smallest nonzero off-permutation entry) digits. This is an estimate, not measured,
+// and in float the error could reach about 1e-3.
 template <typename Scalar>
 class ImplicitGradientSolver {
  public:

@@ -108,8 +108,8 @@ void shifted_exp(const Eigen::MatrixBase<LogitsDerived>& logits,
 // Runs up to `iterations` rounds of the linear iteration on `state` in place: each column
 // divided by its sum, then each row by its sum. Stops after a round once tolerance > 0 and the
 // column error is at most the tolerance. Returns the number of rounds that ran, or -1 when a
-// sum fell below the smallest normal number; `state` is then partly normalised and the caller
-// must restart in the log domain. That happens when one row or column holds only entries that
+// sum fell below the smallest normal number. In that case `state` is partly normalised and the
+// caller must restart in the log domain. A sum underflows when one row or column holds only entries that
 // exp underflowed to zero or to subnormals, for example a column mixing 0 and -1e4.
 template <typename StateDerived>
 int linear_rounds(Eigen::MatrixBase<StateDerived>& state, int iterations, double tolerance,
@@ -145,8 +145,8 @@ typename Derived::Scalar log_sum_exp(const Eigen::MatrixBase<Derived>& values) {
 // Runs up to `iterations` rounds of the log-domain iteration on `state` (the logits on entry)
 // in place: each column minus its log-sum-exp, then each row minus its log-sum-exp. On return
 // exp(state) is the projection. Every log-sum-exp stays finite because every row and column
-// keeps a finite entry, so the result is finite for any finite logits. Same early stop and
-// return value as linear_rounds, except that it never fails.
+// keeps a finite entry, so the result is finite for any finite logits. Same early stop as
+// linear_rounds. Returns the number of rounds that ran (never -1).
 template <typename StateDerived>
 int log_domain_rounds(Eigen::MatrixBase<StateDerived>& state, int iterations, double tolerance,
                       const SinkhornTrace<typename StateDerived::Scalar>& trace) {
