@@ -18,7 +18,8 @@ namespace mhc::test {
 using ScalarTypes = ::testing::Types<float, double>;
 
 // Names typed tests after their scalar type ("float", "double"). Pass it as the third argument
-// of TYPED_TEST_SUITE: Clang's -Wpedantic rejects the macro's empty variadic argument otherwise.
+// of TYPED_TEST_SUITE. Without it Clang's -Wpedantic warns about the macro's empty variadic
+// argument, and -Werror turns that into a build failure.
 struct ScalarTypeNames {
   template <typename Scalar>
   static std::string GetName(int) {

@@ -20,7 +20,7 @@ namespace mhc {
 // Formulation of the rounds. Both give the same result to rounding.
 enum class SinkhornMethod {
   // Sums of exp(logits - column maximum). The faster one. It falls back to log_domain for a
-  // matrix where a row or column sum underflows, for example a column that mixes 0 and -1e4.
+  // matrix where a row or column sum underflows, as when one row lies 1e4 below the others.
   linear,
   // Alternating column and row log-sum-exp subtraction. It costs n^2 exp calls per half round,
   // which linear avoids, and stays finite for any finite logits.
@@ -37,6 +37,7 @@ enum class SinkhornGradient {
   implicit,
 };
 
+// Settings of one projection and of its gradient.
 struct SinkhornOptions {
   int iterations = 20;     // maximum number of (column, then row) normalisation rounds
   double tolerance = 0.0;  // stop once max |column sum - 1| <= tolerance; 0 always runs all rounds

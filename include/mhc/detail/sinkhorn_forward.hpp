@@ -109,8 +109,8 @@ void shifted_exp(const Eigen::MatrixBase<LogitsDerived>& logits,
 // divided by its sum, then each row by its sum. Stops after a round once tolerance > 0 and the
 // column error is at most the tolerance. Returns the number of rounds that ran, or -1 when a
 // sum fell below the smallest normal number. In that case `state` is partly normalised and the
-// caller must restart in the log domain. A sum underflows when one row or column holds only entries that
-// exp underflowed to zero or to subnormals, for example a column mixing 0 and -1e4.
+// caller must restart in the log domain. A sum underflows when exp took every entry of a row
+// or column to zero or to subnormals, for example a row whose logits lie 1e4 below the others.
 template <typename StateDerived>
 int linear_rounds(Eigen::MatrixBase<StateDerived>& state, int iterations, double tolerance,
                   const SinkhornTrace<typename StateDerived::Scalar>& trace) {
