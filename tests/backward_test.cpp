@@ -332,6 +332,30 @@ TYPED_TEST(TypedLayerBackward, RepeatedCallsAreBitwiseEqual) {
   expect_bitwise_equal(one_call_backward(layer), one_call_backward(layer));
 }
 
+// A block of rows and an Eigen::Map over the caller's buffer bind to the Ref parameters without
+// a copy and give the same gradients as a plain matrix of the same rows.
+TYPED_TEST(TypedLayerBackward, ViewsMatchPlainMatrices) {
+  using Scalar = TypeParam;
+  const LayerCase<Scalar> layer = make_case<Scalar>(3, 5, 6, 20, LogitScale::small, 850);
+  const Coefficients<Scalar> grad = mhc::compute_coefficients(layer.parameters, layer.x, layer.options);
+  Coefficients<Scalar> middle_grad;
+  middle_grad.pre = grad.pre.middleRows(2, 3);
+  middle_grad.post = grad.post.middleRows(2, 3);
+  middle_grad.res = grad.res.middleRows(2, 3);
+  const RowMatrix<Scalar> middle = layer.x.middleRows(2, 3);
+  const Eigen::Map<const RowMatrix<Scalar>> mapped(layer.x.row(2).data(), 3, layer.x.cols());
+
+  const auto plain = mhc::compute_coefficients_backward(layer.parameters, middle, middle_grad, layer.options);
+  const auto block =
+      mhc::compute_coefficients_backward(layer.parameters, layer.x.middleRows(2, 3), middle_grad, layer.options);
+  const auto map = mhc::compute_coefficients_backward(layer.parameters, mapped, middle_grad, layer.options);
+
+  expect_bitwise_equal(block.x, plain.x, "x from a block");
+  expect_bitwise_equal(block.parameters.phi, plain.parameters.phi, "phi from a block");
+  expect_bitwise_equal(map.x, plain.x, "x from a map");
+  expect_bitwise_equal(map.parameters.phi, plain.parameters.phi, "phi from a map");
+}
+
 // The gradients split by path add up to the total of prepare_branch_backward().
 TYPED_TEST(TypedLayerBackward, PathsSumToTotal) {
   using Scalar = TypeParam;
