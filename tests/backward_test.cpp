@@ -332,8 +332,8 @@ TYPED_TEST(TypedLayerBackward, RepeatedCallsAreBitwiseEqual) {
   expect_bitwise_equal(one_call_backward(layer), one_call_backward(layer));
 }
 
-// A block of rows and an Eigen::Map over the caller's buffer bind to the Ref parameters without
-// a copy and give the same gradients as a plain matrix of the same rows.
+// A block of rows and an Eigen::Map over the caller's buffer give the same gradients as a plain
+// matrix of the same rows.
 TYPED_TEST(TypedLayerBackward, ViewsMatchPlainMatrices) {
   using Scalar = TypeParam;
   const LayerCase<Scalar> layer = make_case<Scalar>(3, 5, 6, 20, LogitScale::small, 850);
