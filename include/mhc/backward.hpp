@@ -105,6 +105,8 @@ void check_merge_backward(const char* function, const Parameters<Scalar>& parame
 //
 // Recomputes the projection x phi, the RMS and the logits from x, and the Sinkhorn iterates
 // inside sinkhorn_knopp_backward(), so it needs no stored activations.
+// NOTE: the logits cannot be taken from kept coefficients, so a layer backward that recomputes
+// the coefficients computes the product x phi twice (once there and once here).
 template <typename Scalar>
 CoefficientsBackward<Parameters<Scalar>> compute_coefficients_backward(
     const Parameters<Scalar>& parameters, const ConstRowMatrixRef<Scalar>& x,
