@@ -330,12 +330,12 @@ TYPED_TEST(SinkhornBackwardTest, InvalidArgumentsThrow) {
   const RowMatrix<Scalar> logits = RowMatrix<Scalar>::Zero(3, 3);
   EXPECT_EQ(invalid_argument_message(
                 [&] { mhc::sinkhorn_knopp_backward(logits, RowMatrix<Scalar>::Zero(3, 2)); }),
-            "sinkhorn_knopp_backward: invalid grad_output: expected shape 3 x 3, got 3 x 2");
+            "mhc::sinkhorn_knopp_backward: invalid grad_output: expected shape 3 x 3, got 3 x 2");
   EXPECT_EQ(invalid_argument_message([&] {
               mhc::sinkhorn_knopp_backward(RowMatrix<Scalar>::Zero(2, 3),
                                            RowMatrix<Scalar>::Zero(2, 3));
             }),
-            "sinkhorn_knopp_backward: invalid logits: expected a non-empty square matrix, got 2 x 3");
+            "mhc::sinkhorn_knopp_backward: invalid logits: expected a non-empty square matrix, got 2 x 3");
   EXPECT_NE(invalid_argument_message([&] {
               mhc::sinkhorn_knopp_backward(logits, logits, SinkhornOptions{-2, 0.0});
             }).find("invalid options.iterations"),
@@ -351,18 +351,18 @@ TYPED_TEST(SinkhornBackwardTest, InvalidArgumentsThrow) {
   EXPECT_EQ(invalid_argument_message([&] {
               mhc::sinkhorn_knopp_batched_backward(batch, RowMatrix<Scalar>::Zero(2, 9));
             }),
-            "sinkhorn_knopp_batched_backward: invalid grad_output: expected shape 2 x 4, got 2 x 9");
+            "mhc::sinkhorn_knopp_batched_backward: invalid grad_output: expected shape 2 x 4, got 2 x 9");
   RowMatrix<Scalar> small_output(1, 4);
   EXPECT_EQ(invalid_argument_message([&] {
               mhc::sinkhorn_knopp_batched_backward(batch, batch, small_output);
             }),
-            "sinkhorn_knopp_batched_backward: invalid grad_logits: expected shape 2 x 4, got 1 x 4");
+            "mhc::sinkhorn_knopp_batched_backward: invalid grad_logits: expected shape 2 x 4, got 1 x 4");
   RowMatrix<Scalar> with_infinity = batch;
   with_infinity(1, 0) = std::numeric_limits<Scalar>::infinity();
   EXPECT_EQ(invalid_argument_message([&] {
               mhc::sinkhorn_knopp_batched_backward(with_infinity, batch);
             }),
-            "sinkhorn_knopp_batched_backward: invalid logits row 1: expected finite entries or "
+            "mhc::sinkhorn_knopp_batched_backward: invalid logits row 1: expected finite entries or "
             "-infinity, got inf at (0, 0)");
 }
 

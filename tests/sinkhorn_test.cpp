@@ -432,18 +432,18 @@ TYPED_TEST(SinkhornTest, InvalidLogitsThrow) {
     return invalid_argument_message([&] { mhc::sinkhorn_knopp(logits); });
   };
   EXPECT_EQ(message(RowMatrix<Scalar>::Zero(2, 3)),
-            "sinkhorn_knopp: invalid logits: expected a non-empty square matrix, got 2 x 3");
+            "mhc::sinkhorn_knopp: invalid logits: expected a non-empty square matrix, got 2 x 3");
   EXPECT_EQ(message(RowMatrix<Scalar>::Zero(0, 0)),
-            "sinkhorn_knopp: invalid logits: expected a non-empty square matrix, got 0 x 0");
+            "mhc::sinkhorn_knopp: invalid logits: expected a non-empty square matrix, got 0 x 0");
   EXPECT_EQ(message(with_nan),
-            "sinkhorn_knopp: invalid logits: expected finite entries or -infinity, got nan at (1, 2)");
+            "mhc::sinkhorn_knopp: invalid logits: expected finite entries or -infinity, got nan at (1, 2)");
   EXPECT_EQ(message(with_infinity),
-            "sinkhorn_knopp: invalid logits: expected finite entries or -infinity, got inf at (2, 0)");
+            "mhc::sinkhorn_knopp: invalid logits: expected finite entries or -infinity, got inf at (2, 0)");
   EXPECT_EQ(message(empty_row),
-            "sinkhorn_knopp: invalid logits: expected a finite entry in every row, got row 1 "
+            "mhc::sinkhorn_knopp: invalid logits: expected a finite entry in every row, got row 1 "
             "entirely -infinity");
   EXPECT_EQ(message(empty_column),
-            "sinkhorn_knopp: invalid logits: expected a finite entry in every column, got column 2 "
+            "mhc::sinkhorn_knopp: invalid logits: expected a finite entry in every column, got column 2 "
             "entirely -infinity");
 }
 
@@ -454,9 +454,9 @@ TYPED_TEST(SinkhornTest, InvalidOptionsThrow) {
     return invalid_argument_message([&] { mhc::sinkhorn_knopp(logits, options); });
   };
   EXPECT_EQ(message(SinkhornOptions{-1, 0.0}),
-            "sinkhorn_knopp: invalid options.iterations: expected a round count >= 0, got -1");
+            "mhc::sinkhorn_knopp: invalid options.iterations: expected a round count >= 0, got -1");
   EXPECT_EQ(message(SinkhornOptions{20, -1e-3}),
-            "sinkhorn_knopp: invalid options.tolerance: expected a value >= 0 (0 disables early "
+            "mhc::sinkhorn_knopp: invalid options.tolerance: expected a value >= 0 (0 disables early "
             "stop), got -0.001");
   EXPECT_NE(message(SinkhornOptions{20, std::numeric_limits<double>::quiet_NaN()})
                 .find("invalid options.tolerance"),
@@ -472,20 +472,20 @@ TYPED_TEST(SinkhornTest, InvalidBatchThrows) {
     return invalid_argument_message([&] { mhc::sinkhorn_knopp_batched(logits); });
   };
   EXPECT_EQ(message(RowMatrix<Scalar>::Zero(2, 10)),
-            "sinkhorn_knopp_batched: invalid logits: expected n * n columns (one row-major n x n "
+            "mhc::sinkhorn_knopp_batched: invalid logits: expected n * n columns (one row-major n x n "
             "matrix per row), got 10 columns");
   EXPECT_NE(message(RowMatrix<Scalar>::Zero(2, 0)).find("got 0 columns"), std::string::npos);
 
   RowMatrix<Scalar> with_nan = RowMatrix<Scalar>::Zero(3, 4);
   with_nan(2, 3) = std::numeric_limits<Scalar>::quiet_NaN();
   EXPECT_EQ(message(with_nan),
-            "sinkhorn_knopp_batched: invalid logits row 2: expected finite entries or -infinity, "
+            "mhc::sinkhorn_knopp_batched: invalid logits row 2: expected finite entries or -infinity, "
             "got nan at (1, 1)");
 
   RowMatrix<Scalar> output(2, 4);
   const RowMatrix<Scalar> logits = RowMatrix<Scalar>::Zero(3, 4);
   EXPECT_EQ(invalid_argument_message([&] { mhc::sinkhorn_knopp_batched(logits, output); }),
-            "sinkhorn_knopp_batched: invalid output: expected shape 3 x 4, got 2 x 4");
+            "mhc::sinkhorn_knopp_batched: invalid output: expected shape 3 x 4, got 2 x 4");
 }
 
 TYPED_TEST(SinkhornTest, ErrorMeasureOfEmptyThrows) {

@@ -141,7 +141,7 @@ Coefficients<Scalar> compute_coefficients(const Parameters<Scalar>& parameters,
   coefficients.pre.resize(tokens, n);
   coefficients.post.resize(tokens, n);
   coefficients.res.resize(tokens, n * n);
-  RowMatrix<Scalar> logits(n, n);
+  RowMatrix<Scalar> logits(tokens, n * n);  // row t: H_res~ of token t, row-major
   for (Eigen::Index t = 0; t < tokens; ++t) {
     const Scalar inverse_r = detail::inverse_rms<Scalar>(x.row(t), options.rms_epsilon);
     for (int i = 0; i < n; ++i) {
@@ -151,12 +151,10 @@ Coefficients<Scalar> compute_coefficients(const Parameters<Scalar>& parameters,
       coefficients.post(t, i) = Scalar(2) * detail::sigmoid(post_logit);
     }
     for (int k = 0; k < n * n; ++k) {
-      logits.data()[k] = parameters.alpha_res * projections(t, 2 * n + k) * inverse_r + parameters.bias(2 * n + k);
+      logits(t, k) = parameters.alpha_res * projections(t, 2 * n + k) * inverse_r + parameters.bias(2 * n + k);
     }
-    // TODO: switch to the batched projection once it avoids the per-token allocation here.
-    const RowMatrix<Scalar> mixing = sinkhorn_knopp(logits, options.sinkhorn);
-    coefficients.res.row(t) = Eigen::Map<const RowVector<Scalar>>(mixing.data(), n * n);
   }
+  sinkhorn_knopp_batched(logits, RowMatrixRef<Scalar>(coefficients.res), options.sinkhorn);
   return coefficients;
 }
 

@@ -115,7 +115,7 @@ template <typename Derived>
 typename Derived::Scalar doubly_stochastic_error(const Eigen::MatrixBase<Derived>& matrix) {
   using Scalar = typename Derived::Scalar;
   if (matrix.size() == 0) {
-    detail::throw_invalid_argument("doubly_stochastic_error", "matrix", "a non-empty matrix",
+    detail::throw_invalid_argument("mhc::doubly_stochastic_error", "matrix", "a non-empty matrix",
                            detail::shape_string(matrix.rows(), matrix.cols()));
   }
   const Scalar row_error = (matrix.rowwise().sum().array() - Scalar(1)).abs().maxCoeff();
@@ -133,8 +133,8 @@ typename Derived::PlainObject sinkhorn_knopp(const Eigen::MatrixBase<Derived>& l
                                              const SinkhornOptions& options,
                                              SinkhornReport& report) {
   detail::check_scalar_type<typename Derived::Scalar>();
-  detail::check_sinkhorn_options("sinkhorn_knopp", options);
-  detail::check_square_logits("sinkhorn_knopp", logits);
+  detail::check_sinkhorn_options("mhc::sinkhorn_knopp", options);
+  detail::check_square_logits("mhc::sinkhorn_knopp", logits);
 
   typename Derived::PlainObject output(logits.rows(), logits.cols());
   const detail::ProjectionOutcome outcome =
@@ -167,7 +167,7 @@ typename Derived::PlainObject sinkhorn_knopp_backward(
   static_assert(std::is_same<Scalar, typename GradDerived::Scalar>::value,
                 "sinkhorn_knopp_backward: logits and grad_output need the same scalar type");
   detail::check_scalar_type<Scalar>();
-  const char* function = "sinkhorn_knopp_backward";
+  const char* function = "mhc::sinkhorn_knopp_backward";
   detail::check_sinkhorn_options(function, options);
   detail::check_square_logits(function, logits);
   detail::check_shape(function, "grad_output", grad_output, logits.rows(), logits.cols());
@@ -197,7 +197,7 @@ void sinkhorn_knopp_batched(const Eigen::MatrixBase<Derived>& logits,
                             const SinkhornOptions& options = {}) {
   using Scalar = typename Derived::Scalar;
   detail::check_scalar_type<Scalar>();
-  const char* function = "sinkhorn_knopp_batched";
+  const char* function = "mhc::sinkhorn_knopp_batched";
   detail::check_sinkhorn_options(function, options);
   const Eigen::Index n = detail::batched_matrix_size(function, logits);
   detail::check_shape(function, "output", output, logits.rows(), logits.cols());
@@ -236,7 +236,7 @@ void sinkhorn_knopp_batched_backward(const Eigen::MatrixBase<Derived>& logits,
   static_assert(std::is_same<Scalar, typename GradDerived::Scalar>::value,
                 "sinkhorn_knopp_batched_backward: logits and grad_output need the same scalar type");
   detail::check_scalar_type<Scalar>();
-  const char* function = "sinkhorn_knopp_batched_backward";
+  const char* function = "mhc::sinkhorn_knopp_batched_backward";
   detail::check_sinkhorn_options(function, options);
   const Eigen::Index n = detail::batched_matrix_size(function, logits);
   detail::check_shape(function, "grad_output", grad_output, logits.rows(), logits.cols());
