@@ -23,9 +23,9 @@ struct AggregateGradients {
   RowMatrix<Scalar> pre;  // T x n: <dh_in, x[stream i]>
 };
 
-// Result of the backward pass of a coefficient rule (mHC, static HC, dynamic HC, mHC-lite):
-// the gradient of the state x through the coefficients (T x n*C) and the gradients of the rule's
-// learned values, stored field by field in an object of the rule's own parameters type.
+// Result of the backward pass of a coefficient rule (mHC, static HC, dynamic HC, mHC-lite).
+// `x` is the gradient of the state through the coefficients (T x n*C). `parameters` holds the
+// gradients of the rule's learned values, field by field, in the rule's own parameters type.
 template <typename ParametersType>
 struct CoefficientsBackward {
   RowMatrix<typename ParametersType::scalar_type> x;
