@@ -171,11 +171,12 @@ void prepare_branch_tokens(const Parameters<Scalar>& parameters, const ConstRowM
   const Index channels = parameters.channels;
   const Index width = Index(n) * channels;
   const Index count = parameters.coefficient_count();
-  const Index padded = kernels::padded_coefficient_count<Scalar>(count);
   const Index tokens = x.rows();
 
-  Scalar* packed = workspace.projection_buffer(kernels::packed_projection_size<Scalar>(width, count));
-  kernels::pack_projection(parameters.phi, packed);
+  const kernels::ProjectionLayout layout = kernels::projection_layout<Scalar>(width, count);
+  const Index padded = layout.padded;
+  Scalar* packed = workspace.projection_buffer(layout.packed_size());
+  kernels::pack_projection(parameters.phi, layout, packed);
 
   kernels::CoefficientRule<Scalar> rule;
   rule.bias = parameters.bias.data();
@@ -202,7 +203,11 @@ void prepare_branch_tokens(const Parameters<Scalar>& parameters, const ConstRowM
     for (Index first = chunk * kChunkTokens; first < chunk_end; first += kernels::kGroupTokens) {
       const int group = static_cast<int>(std::min<Index>(kernels::kGroupTokens, chunk_end - first));
       const Scalar* rows[kernels::kGroupTokens];
-      for (int r = 0; r < group; ++r) {
+      for (int r = 0; r < kernels::kGroupTokens; ++r) {
+        if (r >= group) {
+          rows[r] = rows[0];  // padding of a partial group; its projections are ignored
+          continue;
+        }
         if constexpr (kConvert) {
           Scalar* row = converted_rows + r * width;
           kernels::convert_row(row_pointer<Storage>(x, first + r), width, row);
@@ -211,7 +216,7 @@ void prepare_branch_tokens(const Parameters<Scalar>& parameters, const ConstRowM
           rows[r] = row_pointer<Storage>(x, first + r);
         }
       }
-      kernels::project_group(rows, group, width, count, packed, projections, padded);
+      kernels::project_group(rows, layout, packed, projections);
 
       for (int r = 0; r < group; ++r) {
         const Index t = first + r;

@@ -2,7 +2,9 @@
 #pragma once
 
 #include <mhc/common.hpp>
+#include <mhc/fused.hpp>
 #include <mhc/layer.hpp>
 #include <mhc/layer_backward.hpp>
 #include <mhc/sinkhorn.hpp>
 #include <mhc/streams.hpp>
+#include <mhc/thread_pool.hpp>

@@ -13,8 +13,18 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+// Packet types such as __m128 carry vector attributes that GCC reports as ignored whenever one is
+// a template argument; the types are only used as tags here, and Eigen silences the same warning
+// in its own headers.
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"
+#endif
 
 namespace mhc::detail::fused {
 
@@ -26,11 +36,13 @@ using Packet = typename Eigen::internal::packet_traits<Acc>::type;
 template <typename Acc>
 constexpr int packet_size = Eigen::internal::unpacket_traits<Packet<Acc>>::size;
 
-// Packets per panel of the packed projection matrix, and tokens per projection group. Four
-// tokens times three packets keeps 12 accumulators, 3 weights and 1 broadcast in the 16 vector
-// registers of x86-64 (SSE and AVX2).
+// Packets per panel of the packed projection matrix.
 constexpr int kPanelPackets = 3;
-constexpr int kGroupTokens = 4;
+
+// Tokens per projection group. A group of G tokens on one panel keeps 3G accumulators, 3 weights
+// and 1 broadcast in vector registers: G = 4 fits the 16 registers of SSE and AVX2, G = 8 the 32
+// of AVX-512.
+constexpr int kGroupTokens = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32 ? 8 : 4;
 
 // Stream count as a compile-time constant when N > 0.
 template <int N>
@@ -46,33 +58,69 @@ void convert_row(const Storage* source, Index count, Acc* target) {
   for (Index k = 0; k < count; ++k) target[k] = static_cast<Acc>(source[k]);
 }
 
+// bfloat16 is the upper half of a float, so widening is a shift. Written on the bits so that the
+// compiler vectorises it (Eigen's scalar conversion does not).
+inline void convert_row(const Eigen::bfloat16* source, Index count, float* target) {
+  for (Index k = 0; k < count; ++k) {
+    const std::uint32_t bits = std::uint32_t(Eigen::numext::bit_cast<std::uint16_t>(source[k])) << 16;
+    target[k] = Eigen::numext::bit_cast<float>(bits);
+  }
+}
+
+// Rounds to the nearest bfloat16, ties to even, as Eigen's conversion does; NaN stays NaN.
+inline void convert_row(const float* source, Index count, Eigen::bfloat16* target) {
+  for (Index k = 0; k < count; ++k) {
+    const std::uint32_t bits = Eigen::numext::bit_cast<std::uint32_t>(source[k]);
+    const std::uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    const bool is_nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+    const auto half = static_cast<std::uint16_t>(is_nan ? ((bits >> 16) | 0x0040u) : rounded);
+    target[k] = Eigen::numext::bit_cast<Eigen::bfloat16>(half);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Projection vec(x) phi.
 //
 // phi (K x M, K = n*C, M = n*n + 2n) is packed once per call into column panels of up to
 // kPanelPackets packets, each zero-padded to whole packets and stored as K consecutive rows, so
-// the inner loop streams through one panel. Panel q starts at q * K * kPanelPackets * L.
+// the inner loop streams through one panel. The packet is Eigen's full packet or its half
+// packet, whichever pads M less (with AVX-512, M = 24 at n = 4 fills three 8-float packets
+// exactly but needs two 16-float packets, a quarter of them padding).
+
+template <typename Acc, bool kHalf>
+using ProjectionPacket = typename Eigen::internal::conditional<kHalf, typename Eigen::internal::packet_traits<Acc>::half,
+                                                              Packet<Acc>>::type;
+
+// Where the packed phi and the projections of a group put each coefficient.
+struct ProjectionLayout {
+  bool half_packets = false;  // use ProjectionPacket<Acc, true>
+  Index lanes = 1;            // values per packet
+  Index padded = 0;           // M rounded up to whole packets: the row stride of the projections
+  Index depth = 0;            // K
+  Index packed_size() const {
+    const Index panel_width = kPanelPackets * lanes;
+    return (padded + panel_width - 1) / panel_width * panel_width * depth;
+  }
+};
 
 template <typename Acc>
-Index padded_coefficient_count(Index coefficients) {
-  constexpr Index L = packet_size<Acc>;
-  return (coefficients + L - 1) / L * L;
+ProjectionLayout projection_layout(Index depth, Index coefficients) {
+  const Index full = packet_size<Acc>;
+  const Index half = Eigen::internal::unpacket_traits<ProjectionPacket<Acc, true>>::size;
+  const auto round_up = [coefficients](Index lanes) { return (coefficients + lanes - 1) / lanes * lanes; };
+  ProjectionLayout layout;
+  layout.half_packets = half < full && round_up(half) < round_up(full);
+  layout.lanes = layout.half_packets ? half : full;
+  layout.padded = round_up(layout.lanes);
+  layout.depth = depth;
+  return layout;
 }
 
 template <typename Acc>
-Index packed_projection_size(Index depth, Index coefficients) {
-  constexpr Index panel_width = Index(kPanelPackets) * packet_size<Acc>;
-  const Index panels = (padded_coefficient_count<Acc>(coefficients) + panel_width - 1) / panel_width;
-  return panels * panel_width * depth;
-}
-
-template <typename Acc>
-void pack_projection(const RowMatrix<Acc>& phi, Acc* packed) {
-  constexpr Index L = packet_size<Acc>;
+void pack_projection(const RowMatrix<Acc>& phi, const ProjectionLayout& layout, Acc* packed) {
   const Index depth = phi.rows();
-  const Index padded = padded_coefficient_count<Acc>(phi.cols());
-  for (Index first = 0; first < padded; first += kPanelPackets * L) {
-    const Index width = std::min<Index>(kPanelPackets * L, padded - first);
+  for (Index first = 0; first < layout.padded; first += kPanelPackets * layout.lanes) {
+    const Index width = std::min<Index>(kPanelPackets * layout.lanes, layout.padded - first);
     Acc* panel = packed + first * depth;
     for (Index k = 0; k < depth; ++k) {
       for (Index j = 0; j < width; ++j) {
@@ -83,59 +131,52 @@ void pack_projection(const RowMatrix<Acc>& phi, Acc* packed) {
   }
 }
 
-// out[r * out_stride + j] = sum_k rows[r][k] * panel[k][j] for Rows tokens and the Packets
-// packets of one panel.
-template <int Rows, int Packets, typename Acc>
+// out[r * out_stride + j] = sum_k rows[r][k] * panel[k][j] for kGroupTokens tokens and the
+// Packets packets of one panel.
+template <typename P, int Packets, typename Acc>
 void project_panel(const Acc* const* rows, Index depth, const Acc* panel, Acc* out, Index out_stride) {
-  using P = Packet<Acc>;
-  constexpr int L = packet_size<Acc>;
-  P sums[Rows][Packets];
-  for (int r = 0; r < Rows; ++r) {
+  constexpr int L = Eigen::internal::unpacket_traits<P>::size;
+  constexpr int G = kGroupTokens;
+  P sums[G][Packets];
+  for (int r = 0; r < G; ++r) {
     for (int p = 0; p < Packets; ++p) sums[r][p] = Eigen::internal::pset1<P>(Acc(0));
   }
   for (Index k = 0; k < depth; ++k) {
     const Acc* weights_row = panel + k * (Packets * L);
     P weights[Packets];
     for (int p = 0; p < Packets; ++p) weights[p] = Eigen::internal::ploadu<P>(weights_row + p * L);
-    for (int r = 0; r < Rows; ++r) {
+    for (int r = 0; r < G; ++r) {
       const P value = Eigen::internal::pset1<P>(rows[r][k]);
       for (int p = 0; p < Packets; ++p) sums[r][p] = Eigen::internal::pmadd(value, weights[p], sums[r][p]);
     }
   }
-  for (int r = 0; r < Rows; ++r) {
+  for (int r = 0; r < G; ++r) {
     for (int p = 0; p < Packets; ++p) Eigen::internal::pstoreu(out + r * out_stride + p * L, sums[r][p]);
   }
 }
 
-template <int Rows, typename Acc>
-void project_panel_dispatch(int packets, const Acc* const* rows, Index depth, const Acc* panel, Acc* out,
-                            Index out_stride) {
+template <typename P, typename Acc>
+void project_all_panels(const Acc* const* rows, const ProjectionLayout& layout, const Acc* packed, Acc* out) {
   static_assert(kPanelPackets == 3, "update the dispatch below");
-  switch (packets) {
-    case 1: project_panel<Rows, 1>(rows, depth, panel, out, out_stride); break;
-    case 2: project_panel<Rows, 2>(rows, depth, panel, out, out_stride); break;
-    default: project_panel<Rows, 3>(rows, depth, panel, out, out_stride); break;
+  for (Index first = 0; first < layout.padded; first += kPanelPackets * layout.lanes) {
+    const Index packets = std::min<Index>(kPanelPackets * layout.lanes, layout.padded - first) / layout.lanes;
+    const Acc* panel = packed + first * layout.depth;
+    switch (packets) {
+      case 1: project_panel<P, 1>(rows, layout.depth, panel, out + first, layout.padded); break;
+      case 2: project_panel<P, 2>(rows, layout.depth, panel, out + first, layout.padded); break;
+      default: project_panel<P, 3>(rows, layout.depth, panel, out + first, layout.padded); break;
+    }
   }
 }
 
-// Projects `count` (1 to kGroupTokens) token rows of `depth` values onto every panel of the
-// packed phi. Writes count rows of padded_coefficient_count values to `out` (row stride
-// `out_stride`).
+// Projects kGroupTokens token rows of K values onto the packed phi: writes kGroupTokens rows of
+// layout.padded values to `out`. A partial group repeats one of its rows to fill the group.
 template <typename Acc>
-void project_group(const Acc* const* rows, int count, Index depth, Index coefficients, const Acc* packed,
-                   Acc* out, Index out_stride) {
-  constexpr Index L = packet_size<Acc>;
-  const Index padded = padded_coefficient_count<Acc>(coefficients);
-  for (Index first = 0; first < padded; first += kPanelPackets * L) {
-    const int packets = static_cast<int>(std::min<Index>(kPanelPackets * L, padded - first) / L);
-    const Acc* panel = packed + first * depth;
-    Acc* panel_out = out + first;
-    switch (count) {
-      case 1: project_panel_dispatch<1>(packets, rows, depth, panel, panel_out, out_stride); break;
-      case 2: project_panel_dispatch<2>(packets, rows, depth, panel, panel_out, out_stride); break;
-      case 3: project_panel_dispatch<3>(packets, rows, depth, panel, panel_out, out_stride); break;
-      default: project_panel_dispatch<4>(packets, rows, depth, panel, panel_out, out_stride); break;
-    }
+void project_group(const Acc* const* rows, const ProjectionLayout& layout, const Acc* packed, Acc* out) {
+  if (layout.half_packets) {
+    project_all_panels<ProjectionPacket<Acc, true>>(rows, layout, packed, out);
+  } else {
+    project_all_panels<ProjectionPacket<Acc, false>>(rows, layout, packed, out);
   }
 }
 
@@ -348,3 +389,7 @@ void token_coefficients(const Acc* projection, Acc squares, int streams, const C
 }
 
 }  // namespace mhc::detail::fused
+
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
