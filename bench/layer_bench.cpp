@@ -285,8 +285,8 @@ void register_all(bool full) {
   }
 
   // MLP branch: C, T, threads (and n for mHC). One iteration at C = 2048, T = 4096 is about
-  // 0.3 Tflop, so the default run uses T = 1024.
-  const std::vector<Index> mlp_tokens = full ? std::vector<Index>{1024, 4096} : std::vector<Index>{1024};
+  // 0.3 Tflop, so the default run uses T = 256.
+  const std::vector<Index> mlp_tokens = full ? std::vector<Index>{1024, 4096} : std::vector<Index>{256};
   auto* residual = benchmark::RegisterBenchmark("mlp_residual/float", mlp_residual);
   auto* with_mhc = benchmark::RegisterBenchmark("mlp_mhc/float", mlp_mhc);
   residual->ArgNames({"C", "T", "threads"})->UseRealTime()->Unit(benchmark::kMillisecond);

@@ -126,7 +126,7 @@ template <typename Storage>
 class FusedTest : public ::testing::Test {};
 
 using StorageTypes = ::testing::Types<float, double, Eigen::bfloat16>;
-TYPED_TEST_SUITE(FusedTest, StorageTypes);
+TYPED_TEST_SUITE(FusedTest, StorageTypes, );
 
 TYPED_TEST(FusedTest, PrepareMatchesReference) {
   using Storage = TypeParam;
@@ -248,6 +248,31 @@ TYPED_TEST(FusedTest, ThreadsBitwiseIdentical) {
     const auto single = run_with_threads<TypeParam>(1, n, 33, 257);
     EXPECT_EQ(run_with_threads<TypeParam>(2, n, 33, 257), single);
     EXPECT_EQ(run_with_threads<TypeParam>(3, n, 33, 257), single);
+  }
+}
+
+TYPED_TEST(FusedTest, StreamingStoresMatchCachedStores) {
+  using Storage = TypeParam;
+  using Scalar = ParameterScalar<Storage>;
+  for (int n : {3, 4}) {
+    SCOPED_TRACE(::testing::Message() << "n=" << n);
+    const int channels = 37;
+    const Eigen::Index tokens = 19;
+    const auto parameters = random_parameters<Scalar>(n, channels, 61);
+    const RowMatrix<Storage> x = random_state<Storage>(tokens, n * channels, 62);
+    const RowMatrix<Storage> output = random_state<Storage>(tokens, channels, 63);
+    mhc::fused::Workspace<Storage, Scalar> workspace;
+    mhc::Coefficients<Scalar> coefficients;
+    RowMatrix<Storage> input(tokens, channels);
+    mhc::fused::prepare_branch(parameters, x, coefficients, input, workspace);
+
+    workspace.streaming_threshold_bytes = std::numeric_limits<std::ptrdiff_t>::max();
+    RowMatrix<Storage> cached(tokens, n * channels);
+    mhc::fused::merge_streams(coefficients, x, output, cached, workspace);
+    workspace.streaming_threshold_bytes = 0;
+    RowMatrix<Storage> streamed(tokens, n * channels);
+    mhc::fused::merge_streams(coefficients, x, output, streamed, workspace);
+    EXPECT_EQ(streamed, cached);
   }
 }
 

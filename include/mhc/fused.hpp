@@ -89,6 +89,11 @@ class Workspace {
 
   Scalar* worker_buffer(int worker) { return workers_[static_cast<std::size_t>(worker)].data(); }
 
+  // merge_streams writes an x_next larger than this many bytes with non-temporal stores, which
+  // skip reading each output line into the cache first. The default is the last-level cache
+  // size that Eigen detects: a larger output is evicted before anyone reads it back.
+  std::ptrdiff_t streaming_threshold_bytes = Eigen::l3CacheSize();
+
   // Storage of the branch input and coefficients for fused::forward.
   RowMatrix<Storage> branch_input;
   Coefficients<Scalar> coefficients;
@@ -250,6 +255,10 @@ void merge_streams_tokens(const Coefficients<Scalar>& coefficients, const ConstR
   // Per worker (storage conversion only): x, h_out and x_next of one token in Scalar.
   workspace.reserve_worker_buffers(kConvert ? 2 * width + channels : 0);
 
+  // Storage conversion writes through a buffer and never streams.
+  const double next_bytes = double(tokens) * double(width) * sizeof(Storage);
+  const bool stream = !kConvert && next_bytes > double(workspace.streaming_threshold_bytes);
+
   const Index chunks = (tokens + kChunkTokens - 1) / kChunkTokens;
   mhc::detail::run_tasks(workspace.thread_pool(), chunks, [&](Index chunk, int worker) {
     const Index chunk_end = std::min(tokens, (chunk + 1) * kChunkTokens);
@@ -262,13 +271,20 @@ void merge_streams_tokens(const Coefficients<Scalar>& coefficients, const ConstR
         Scalar* next = output + channels;
         kernels::convert_row(row_pointer<Storage>(x, t), width, state);
         kernels::convert_row(row_pointer<Storage>(branch_output, t), channels, output);
-        kernels::merge_row<N>(state, n, channels, output, res, post, next);
+        kernels::merge_row<N, false>(state, n, channels, output, res, post, next);
         kernels::convert_row(next, width, row_pointer<Storage>(x_next, t));
       } else {
-        kernels::merge_row<N>(row_pointer<Storage>(x, t), n, channels, row_pointer<Storage>(branch_output, t), res,
-                              post, row_pointer<Storage>(x_next, t));
+        const Scalar* state = row_pointer<Storage>(x, t);
+        const Scalar* output = row_pointer<Storage>(branch_output, t);
+        Scalar* next = row_pointer<Storage>(x_next, t);
+        if (stream) {
+          kernels::merge_row<N, true>(state, n, channels, output, res, post, next);
+        } else {
+          kernels::merge_row<N, false>(state, n, channels, output, res, post, next);
+        }
       }
     }
+    if (stream) kernels::stream_fence();
   });
 }
 
