@@ -303,15 +303,15 @@ void register_all(bool full) {
 
 int main(int argc, char** argv) {
   bool full = false;
-  int kept = 1;
+  int kept_arguments = 1;
   for (int k = 1; k < argc; ++k) {
     if (std::strcmp(argv[k], "--full") == 0) {
       full = true;
     } else {
-      argv[kept++] = argv[k];
+      argv[kept_arguments++] = argv[k];
     }
   }
-  argc = kept;
+  argc = kept_arguments;
 
   register_all(full);
   benchmark::Initialize(&argc, argv);

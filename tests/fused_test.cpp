@@ -1,6 +1,7 @@
 // Fused kernels against the reference kernels of layer.hpp, over storage types, shapes, views
 // and thread counts.
 #include <mhc/fused.hpp>
+#include <mhc/layer_backward.hpp>
 
 #include "support.hpp"
 
@@ -190,6 +191,74 @@ TYPED_TEST(FusedTest, MergeMatchesReference) {
   }
 }
 
+TYPED_TEST(FusedTest, BackwardMatchesReference) {
+  using Storage = TypeParam;
+  using Scalar = ParameterScalar<Storage>;
+  mhc::fused::Workspace<Storage, Scalar> workspace;
+  mhc::Coefficients<Scalar> coefficients;
+  RowMatrix<Scalar> grad_post, grad_res, grad_pre;
+  std::uint32_t seed = 200;
+  ParameterCache<Scalar> cache;
+  for (const Shape& shape : shape_table()) {
+    SCOPED_TRACE(::testing::Message() << "n=" << shape.streams << " C=" << shape.channels << " T=" << shape.tokens);
+    const Eigen::Index tokens = shape.tokens;
+    const Eigen::Index width = Eigen::Index(shape.streams) * shape.channels;
+    const auto& parameters = cache.get(shape, seed++);
+    const RowMatrix<Storage> x = random_state<Storage>(tokens, width, seed++);
+    const RowMatrix<Storage> output = random_state<Storage>(tokens, shape.channels, seed++);
+    const RowMatrix<Storage> grad_next = random_state<Storage>(tokens, width, seed++);
+    const RowMatrix<Storage> grad_input = random_state<Storage>(tokens, shape.channels, seed++);
+    RowMatrix<Storage> input(tokens, shape.channels);
+    mhc::fused::prepare_branch(parameters, x, coefficients, input, workspace);
+
+    RowMatrix<Storage> grad_x(tokens, width);
+    RowMatrix<Storage> grad_output(tokens, shape.channels);
+    mhc::fused::merge_streams_backward(coefficients, x, output, grad_next, grad_x, grad_output, grad_post, grad_res,
+                                       workspace);
+    const RowMatrix<Storage> merge_grad_x = grad_x;
+    mhc::fused::aggregate_streams_backward(coefficients, x, grad_input, grad_x, grad_pre, workspace,
+                                           mhc::fused::GradientWrite::kAdd);
+
+    mhc::Coefficients<double> shared;
+    shared.pre = coefficients.pre.template cast<double>();
+    shared.post = coefficients.post.template cast<double>();
+    shared.res = coefficients.res.template cast<double>();
+    const auto merge = mhc::merge_streams_backward(shared, widen(x), widen(output), widen(grad_next));
+    const auto aggregate = mhc::aggregate_streams_backward(shared, widen(x), widen(grad_input));
+
+    // Inputs are uniform in magnitude up to `largest`: the mixes sum n terms with weights of at
+    // most 2, the dot products C terms, all in Scalar; x and h_out gradients round once to Storage.
+    const double largest = tokens > 0 ? std::max(widen(x).cwiseAbs().maxCoeff(), widen(grad_next).cwiseAbs().maxCoeff()) : 0.0;
+    const double mix_bound = 2 * tolerance<Scalar>(shape.streams + 1) * shape.streams * largest;
+    const double dot_bound = tolerance<Scalar>(shape.channels) * shape.channels * largest * largest;
+    const double storage = storage_epsilon<Storage>();
+    expect_near_matrix(merge_grad_x, merge.x, mix_bound, storage, "merge grad_x");
+    expect_near_matrix(grad_output, merge.branch_output, mix_bound, storage, "grad_branch_output");
+    expect_near_matrix(grad_post, merge.post, dot_bound, 0.0, "grad_post");
+    expect_near_matrix(grad_res, merge.res, dot_bound, 0.0, "grad_res");
+    expect_near_matrix(grad_pre, aggregate.pre, dot_bound, 0.0, "grad_pre");
+    // The addition starts from the merge share as stored, so only its own rounding counts.
+    const RowMatrix<double> summed = widen(merge_grad_x) + aggregate.x;
+    expect_near_matrix(grad_x, summed, mix_bound, storage, "grad_x");
+  }
+}
+
+TEST(FusedBackward, AggregateOverwritesGradient) {
+  const auto parameters = random_parameters<float>(3, 5, 71);
+  const RowMatrix<float> x = random_state<float>(4, 15, 72);
+  const RowMatrix<float> grad_input = random_state<float>(4, 5, 73);
+  mhc::fused::Workspace<float, float> workspace;
+  mhc::Coefficients<float> coefficients;
+  RowMatrix<float> input(4, 5);
+  mhc::fused::prepare_branch(parameters, x, coefficients, input, workspace);
+
+  RowMatrix<float> grad_x = RowMatrix<float>::Constant(4, 15, 1000.0f);
+  RowMatrix<float> grad_pre;
+  mhc::fused::aggregate_streams_backward(coefficients, x, grad_input, grad_x, grad_pre, workspace);
+  const auto expected = mhc::aggregate_streams_backward(coefficients, x, grad_input);
+  expect_near_matrix(grad_x, expected.x.cast<double>(), tolerance<float>(1), 0.0, "grad_x");
+}
+
 TYPED_TEST(FusedTest, ForwardMatchesReference) {
   using Storage = TypeParam;
   using Scalar = ParameterScalar<Storage>;
@@ -213,7 +282,8 @@ TYPED_TEST(FusedTest, ForwardMatchesReference) {
   expect_near_matrix(x_next, expected, bound, 3 * storage_epsilon<Storage>(), "x_next");
 }
 
-// Runs prepare and merge with `threads` threads and returns the bytes of every output.
+// Runs the forward and backward kernels with `threads` threads and returns the bytes of every
+// output. x_next and h_out stand in for the incoming gradients.
 template <typename Storage>
 std::vector<unsigned char> run_with_threads(int threads, int n, int channels, Eigen::Index tokens) {
   using Scalar = ParameterScalar<Storage>;
@@ -228,6 +298,13 @@ std::vector<unsigned char> run_with_threads(int threads, int n, int channels, Ei
   RowMatrix<Storage> x_next(tokens, width);
   mhc::fused::prepare_branch(parameters, x, coefficients, input, workspace);
   mhc::fused::merge_streams(coefficients, x, output, x_next, workspace);
+  RowMatrix<Storage> grad_x(tokens, width);
+  RowMatrix<Storage> grad_output(tokens, channels);
+  RowMatrix<Scalar> grad_post, grad_res, grad_pre;
+  mhc::fused::merge_streams_backward(coefficients, x, output, x_next, grad_x, grad_output, grad_post, grad_res,
+                                     workspace);
+  mhc::fused::aggregate_streams_backward(coefficients, x, output, grad_x, grad_pre, workspace,
+                                         mhc::fused::GradientWrite::kAdd);
 
   std::vector<unsigned char> bytes;
   const auto append = [&bytes](const auto& matrix) {
@@ -239,6 +316,11 @@ std::vector<unsigned char> run_with_threads(int threads, int n, int channels, Ei
   append(coefficients.res);
   append(input);
   append(x_next);
+  append(grad_x);
+  append(grad_output);
+  append(grad_post);
+  append(grad_res);
+  append(grad_pre);
   return bytes;
 }
 
@@ -451,6 +533,42 @@ TEST(FusedErrors, MergeRejectsBadArguments) {
   auto truncated = coefficients;
   truncated.res.resize(4, 3);
   EXPECT_THROW(mhc::fused::merge_streams(truncated, x, output, x_next, workspace), std::invalid_argument);
+}
+
+TEST(FusedErrors, BackwardRejectsBadArguments) {
+  const auto parameters = random_parameters<float>(2, 3, 81);
+  RowMatrix<float> x = random_state<float>(4, 6, 82);
+  const RowMatrix<float> output = random_state<float>(4, 3, 83);
+  RowMatrix<float> grad_next = random_state<float>(4, 6, 84);
+  RowMatrix<float> input(4, 3);
+  RowMatrix<float> grad_x(4, 6);
+  RowMatrix<float> grad_output(4, 3);
+  RowMatrix<float> grad_post, grad_res, grad_pre;
+  mhc::fused::Workspace<float, float> workspace;
+  mhc::Coefficients<float> coefficients;
+  mhc::fused::prepare_branch(parameters, x, coefficients, input, workspace);
+
+  RowMatrix<float> short_next(3, 6);
+  EXPECT_THROW(mhc::fused::merge_streams_backward(coefficients, x, output, short_next, grad_x, grad_output, grad_post,
+                                                  grad_res, workspace),
+               std::invalid_argument);
+  RowMatrix<float> wide_grad_output(4, 4);
+  EXPECT_THROW(mhc::fused::merge_streams_backward(coefficients, x, output, grad_next, grad_x, wide_grad_output,
+                                                  grad_post, grad_res, workspace),
+               std::invalid_argument);
+  EXPECT_THROW(mhc::fused::merge_streams_backward(coefficients, x, output, grad_next, grad_next, grad_output,
+                                                  grad_post, grad_res, workspace),
+               std::invalid_argument);
+  Eigen::Map<RowMatrix<float>> inside_grad_x(grad_x.data() + 6, 4, 3);
+  EXPECT_THROW(mhc::fused::merge_streams_backward(coefficients, x, output, grad_next, grad_x, inside_grad_x,
+                                                  grad_post, grad_res, workspace),
+               std::invalid_argument);
+
+  RowMatrix<float> short_grad_input(4, 2);
+  EXPECT_THROW(mhc::fused::aggregate_streams_backward(coefficients, x, short_grad_input, grad_x, grad_pre, workspace),
+               std::invalid_argument);
+  EXPECT_THROW(mhc::fused::aggregate_streams_backward(coefficients, x, output, x, grad_pre, workspace),
+               std::invalid_argument);
 }
 
 TEST(ThreadPool, RunsEveryIndexOnce) {

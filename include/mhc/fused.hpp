@@ -80,8 +80,8 @@ class Workspace {
   // Packed copy of phi, `size` values.
   Scalar* projection_buffer(Eigen::Index size) { return grow(projection_, size); }
 
-  // Makes room for per-worker buffers of `size` values for every thread of the pool. Called
-  // before a parallel run; worker_buffer() then only hands out the memory.
+  // Makes room for per-worker buffers of `size` values for every thread of the pool. The kernels
+  // call it before a parallel run, so worker_buffer() never allocates.
   void reserve_worker_buffers(Eigen::Index size) {
     workers_.resize(static_cast<std::size_t>(threads()));
     for (Buffer& buffer : workers_) grow(buffer, size);
@@ -210,7 +210,7 @@ void prepare_branch_tokens(const Parameters<Scalar>& parameters, const ConstRowM
       const Scalar* rows[kernels::kGroupTokens];
       for (int r = 0; r < kernels::kGroupTokens; ++r) {
         if (r >= group) {
-          rows[r] = rows[0];  // padding of a partial group; its projections are ignored
+          rows[r] = rows[0];  // A partial group repeats row 0, and the extra projections are ignored.
           continue;
         }
         if constexpr (kConvert) {
@@ -288,6 +288,96 @@ void merge_streams_tokens(const Coefficients<Scalar>& coefficients, const ConstR
   });
 }
 
+template <int N, typename Storage, typename Scalar>
+void merge_streams_backward_tokens(const Coefficients<Scalar>& coefficients, const ConstRowMatrixRef<Storage>& x,
+                                   const ConstRowMatrixRef<Storage>& branch_output,
+                                   const ConstRowMatrixRef<Storage>& grad_x_next, RowMatrixRef<Storage>& grad_x,
+                                   RowMatrixRef<Storage>& grad_branch_output, RowMatrix<Scalar>& grad_post,
+                                   RowMatrix<Scalar>& grad_res, Workspace<Storage, Scalar>& workspace) {
+  namespace kernels = mhc::detail::fused;
+  constexpr bool kConvert = !std::is_same_v<Storage, Scalar>;
+  const int n = static_cast<int>(coefficients.pre.cols());
+  const Index channels = branch_output.cols();
+  const Index width = x.cols();
+  const Index tokens = x.rows();
+
+  // Per worker: partial dot products, then (storage conversion only) x, h_out, dx_next, dx and
+  // dh_out of one token in Scalar.
+  const Index partial_values = Index(n * n + n) * kernels::packet_size<Scalar>;
+  workspace.reserve_worker_buffers(partial_values + (kConvert ? 3 * width + 2 * channels : 0));
+
+  const Index chunks = (tokens + kChunkTokens - 1) / kChunkTokens;
+  mhc::detail::run_tasks(workspace.thread_pool(), chunks, [&](Index chunk, int worker) {
+    Scalar* partial_sums = workspace.worker_buffer(worker);
+    const Index chunk_end = std::min(tokens, (chunk + 1) * kChunkTokens);
+    for (Index t = chunk * kChunkTokens; t < chunk_end; ++t) {
+      const Scalar* post = coefficients.post.data() + t * n;
+      const Scalar* res = coefficients.res.data() + t * n * n;
+      Scalar* post_gradient = grad_post.data() + t * n;
+      Scalar* res_gradient = grad_res.data() + t * n * n;
+      if constexpr (kConvert) {
+        Scalar* state = partial_sums + partial_values;
+        Scalar* output = state + width;
+        Scalar* grad_next = output + channels;
+        Scalar* state_gradient = grad_next + width;
+        Scalar* output_gradient = state_gradient + width;
+        kernels::convert_row(row_pointer<Storage>(x, t), width, state);
+        kernels::convert_row(row_pointer<Storage>(branch_output, t), channels, output);
+        kernels::convert_row(row_pointer<Storage>(grad_x_next, t), width, grad_next);
+        kernels::merge_row_backward<N>(state, n, channels, output, res, post, grad_next, state_gradient,
+                                       output_gradient, post_gradient, res_gradient, partial_sums);
+        kernels::convert_row(state_gradient, width, row_pointer<Storage>(grad_x, t));
+        kernels::convert_row(output_gradient, channels, row_pointer<Storage>(grad_branch_output, t));
+      } else {
+        kernels::merge_row_backward<N>(row_pointer<Storage>(x, t), n, channels, row_pointer<Storage>(branch_output, t),
+                                       res, post, row_pointer<Storage>(grad_x_next, t), row_pointer<Storage>(grad_x, t),
+                                       row_pointer<Storage>(grad_branch_output, t), post_gradient, res_gradient,
+                                       partial_sums);
+      }
+    }
+  });
+}
+
+template <int N, bool kAccumulate, typename Storage, typename Scalar>
+void aggregate_streams_backward_tokens(const Coefficients<Scalar>& coefficients, const ConstRowMatrixRef<Storage>& x,
+                                       const ConstRowMatrixRef<Storage>& grad_branch_input,
+                                       RowMatrixRef<Storage>& grad_x, RowMatrix<Scalar>& grad_pre,
+                                       Workspace<Storage, Scalar>& workspace) {
+  namespace kernels = mhc::detail::fused;
+  constexpr bool kConvert = !std::is_same_v<Storage, Scalar>;
+  const int n = static_cast<int>(coefficients.pre.cols());
+  const Index channels = grad_branch_input.cols();
+  const Index width = x.cols();
+  const Index tokens = x.rows();
+
+  // Per worker (storage conversion only): x, dh_in and dx of one token in Scalar.
+  workspace.reserve_worker_buffers(kConvert ? 2 * width + channels : 0);
+
+  const Index chunks = (tokens + kChunkTokens - 1) / kChunkTokens;
+  mhc::detail::run_tasks(workspace.thread_pool(), chunks, [&](Index chunk, int worker) {
+    const Index chunk_end = std::min(tokens, (chunk + 1) * kChunkTokens);
+    for (Index t = chunk * kChunkTokens; t < chunk_end; ++t) {
+      const Scalar* pre = coefficients.pre.data() + t * n;
+      Scalar* pre_gradient = grad_pre.data() + t * n;
+      if constexpr (kConvert) {
+        Scalar* state = workspace.worker_buffer(worker);
+        Scalar* input_gradient = state + width;
+        Scalar* state_gradient = input_gradient + channels;
+        kernels::convert_row(row_pointer<Storage>(x, t), width, state);
+        kernels::convert_row(row_pointer<Storage>(grad_branch_input, t), channels, input_gradient);
+        if constexpr (kAccumulate) kernels::convert_row(row_pointer<Storage>(grad_x, t), width, state_gradient);
+        kernels::aggregate_row_backward<N, kAccumulate>(state, n, channels, pre, input_gradient, state_gradient,
+                                                        pre_gradient);
+        kernels::convert_row(state_gradient, width, row_pointer<Storage>(grad_x, t));
+      } else {
+        kernels::aggregate_row_backward<N, kAccumulate>(row_pointer<Storage>(x, t), n, channels, pre,
+                                                        row_pointer<Storage>(grad_branch_input, t),
+                                                        row_pointer<Storage>(grad_x, t), pre_gradient);
+      }
+    }
+  });
+}
+
 }  // namespace detail
 
 // Computes the coefficients of every token of x (T x n*C) and the branch input
@@ -352,6 +442,89 @@ void forward(const Parameters<Scalar>& parameters, const ConstRowMatrixRef<Stora
   const RowMatrix<Storage> branch_output = std::forward<Branch>(branch)(std::as_const(workspace.branch_input));
   mhc::detail::check_shape("mhc::fused::forward", "branch output", branch_output, x.rows(), parameters.channels);
   merge_streams(workspace.coefficients, x, branch_output, x_next, workspace);
+}
+
+// How a backward kernel writes the gradient of x.
+enum class GradientWrite {
+  kOverwrite,  // grad_x = this kernel's share
+  kAdd,        // grad_x += this kernel's share, to sum the paths of x through one layer
+};
+
+// Backward of fused::merge_streams in one pass over x, h_out and dx_next, given
+// grad_x_next = dL/dx_next (T x n*C). Writes, for every token,
+//   grad_x             T x n*C  H_res^T dx_next (the merge's share of dL/dx)
+//   grad_branch_output T x C    sum_i H_post[i] dx_next[stream i]
+//   grad_post          T x n    <dx_next[stream i], h_out>
+//   grad_res           T x n*n  entry (i, j) is <dx_next[stream i], x[stream j]>
+// grad_post and grad_res are resized (no allocation when they already have the shape). The
+// output views must not overlap each other or the inputs. Matches mhc::merge_streams_backward to
+// rounding.
+template <typename Storage, typename Scalar>
+void merge_streams_backward(const Coefficients<Scalar>& coefficients, const ConstRowMatrixRef<Storage>& x,
+                            const ConstRowMatrixRef<Storage>& branch_output,
+                            const ConstRowMatrixRef<Storage>& grad_x_next, RowMatrixRef<Storage> grad_x,
+                            RowMatrixRef<Storage> grad_branch_output, RowMatrix<Scalar>& grad_post,
+                            RowMatrix<Scalar>& grad_res, Workspace<Storage, Scalar>& workspace) {
+  const char* function = "mhc::fused::merge_streams_backward";
+  const int n = mhc::detail::check_coefficients(function, coefficients, x.rows());
+  mhc::detail::check_width_multiple(function, "x", x, n);
+  const Eigen::Index channels = x.cols() / n;
+  mhc::detail::check_shape(function, "branch_output", branch_output, x.rows(), channels);
+  mhc::detail::check_shape(function, "grad_x_next", grad_x_next, x.rows(), x.cols());
+  mhc::detail::check_shape(function, "grad_x", grad_x, x.rows(), x.cols());
+  mhc::detail::check_shape(function, "grad_branch_output", grad_branch_output, x.rows(), channels);
+  for (const auto* input : {&x, &branch_output, &grad_x_next}) {
+    const char* name = input == &x ? "x" : input == &branch_output ? "branch_output" : "grad_x_next";
+    detail::check_no_overlap(function, "grad_x", name, grad_x, *input);
+    detail::check_no_overlap(function, "grad_branch_output", name, grad_branch_output, *input);
+  }
+  detail::check_no_overlap(function, "grad_branch_output", "grad_x", grad_branch_output, grad_x);
+
+  grad_post.resize(x.rows(), n);
+  grad_res.resize(x.rows(), Eigen::Index(n) * n);
+  if (x.rows() == 0) return;
+
+  detail::dispatch_streams(n, [&](auto fixed) {
+    detail::merge_streams_backward_tokens<decltype(fixed)::value>(coefficients, x, branch_output, grad_x_next, grad_x,
+                                                                  grad_branch_output, grad_post, grad_res, workspace);
+  });
+}
+
+// Backward of the aggregation h_in = H_pre x in one pass over x and dh_in, given
+// grad_branch_input = dL/dh_in (T x C). Writes (or with GradientWrite::kAdd, adds) H_pre[i] dh_in
+// to stream i of grad_x (T x n*C), and sets grad_pre (T x n, resized) to <dh_in, x[stream i]>.
+// grad_x must not overlap x or grad_branch_input. Matches mhc::aggregate_streams_backward to
+// rounding.
+//
+// NOTE: the gradient through the coefficients (sigmoid, Sinkhorn-Knopp, the RMS scale and phi)
+// is not fused yet: grad_pre, grad_post and grad_res go to the reference coefficient backward.
+template <typename Storage, typename Scalar>
+void aggregate_streams_backward(const Coefficients<Scalar>& coefficients, const ConstRowMatrixRef<Storage>& x,
+                                const ConstRowMatrixRef<Storage>& grad_branch_input, RowMatrixRef<Storage> grad_x,
+                                RowMatrix<Scalar>& grad_pre, Workspace<Storage, Scalar>& workspace,
+                                GradientWrite write = GradientWrite::kOverwrite) {
+  const char* function = "mhc::fused::aggregate_streams_backward";
+  const int n = mhc::detail::check_coefficients(function, coefficients, x.rows());
+  mhc::detail::check_width_multiple(function, "x", x, n);
+  const Eigen::Index channels = x.cols() / n;
+  mhc::detail::check_shape(function, "grad_branch_input", grad_branch_input, x.rows(), channels);
+  mhc::detail::check_shape(function, "grad_x", grad_x, x.rows(), x.cols());
+  detail::check_no_overlap(function, "grad_x", "x", grad_x, x);
+  detail::check_no_overlap(function, "grad_x", "grad_branch_input", grad_x, grad_branch_input);
+
+  grad_pre.resize(x.rows(), n);
+  if (x.rows() == 0) return;
+
+  detail::dispatch_streams(n, [&](auto fixed) {
+    constexpr int kStreams = decltype(fixed)::value;
+    if (write == GradientWrite::kAdd) {
+      detail::aggregate_streams_backward_tokens<kStreams, true>(coefficients, x, grad_branch_input, grad_x, grad_pre,
+                                                                workspace);
+    } else {
+      detail::aggregate_streams_backward_tokens<kStreams, false>(coefficients, x, grad_branch_input, grad_x, grad_pre,
+                                                                 workspace);
+    }
+  });
 }
 
 }  // namespace mhc::fused

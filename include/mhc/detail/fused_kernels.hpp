@@ -1,6 +1,6 @@
 // Per-token building blocks of the fused kernels in <mhc/fused.hpp>.
 //
-// Every function here works on one token (or a group of up to four tokens for the projection)
+// Every function here works on one token (a group of kGroupTokens tokens for the projection)
 // in the accumulation type Acc (float or double), through raw pointers that the caller has
 // checked. Vector code uses Eigen's packet primitives, so it is correct for any instruction set
 // Eigen targets and uses wider registers when the compiler is allowed to (-march=native).
@@ -18,9 +18,9 @@
 #include <type_traits>
 #include <vector>
 
-// Packet types such as __m128 carry vector attributes that GCC reports as ignored whenever one is
-// a template argument; the types are only used as tags here, and Eigen silences the same warning
-// in its own headers.
+// Packet types such as __m128 carry vector attributes, and GCC warns that they are ignored when
+// such a type is a template argument. Here the packet types only select overloads and sizes, so
+// the warning is off in this header, as Eigen turns it off in its own.
 #if defined(__GNUC__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wignored-attributes"
@@ -58,8 +58,8 @@ void convert_row(const Storage* source, Index count, Acc* target) {
   for (Index k = 0; k < count; ++k) target[k] = static_cast<Acc>(source[k]);
 }
 
-// bfloat16 is the upper half of a float, so widening is a shift. Written on the bits so that the
-// compiler vectorises it (Eigen's scalar conversion does not).
+// bfloat16 is the upper half of a float, so widening is a shift. Both conversions work on the
+// bits in plain loops, which the compiler can vectorise.
 inline void convert_row(const Eigen::bfloat16* source, Index count, float* target) {
   for (Index k = 0; k < count; ++k) {
     const std::uint32_t bits = std::uint32_t(Eigen::numext::bit_cast<std::uint16_t>(source[k])) << 16;
@@ -91,7 +91,7 @@ template <typename Acc, bool kHalf>
 using ProjectionPacket = typename Eigen::internal::conditional<kHalf, typename Eigen::internal::packet_traits<Acc>::half,
                                                               Packet<Acc>>::type;
 
-// Where the packed phi and the projections of a group put each coefficient.
+// Layout of the packed phi and of the projections of one group.
 struct ProjectionLayout {
   bool half_packets = false;  // use ProjectionPacket<Acc, true>
   Index lanes = 1;            // values per packet
@@ -170,7 +170,7 @@ void project_all_panels(const Acc* const* rows, const ProjectionLayout& layout, 
 }
 
 // Projects kGroupTokens token rows of K values onto the packed phi: writes kGroupTokens rows of
-// layout.padded values to `out`. A partial group repeats one of its rows to fill the group.
+// layout.padded values to `out`. The caller fills a partial group by repeating a row.
 template <typename Acc>
 void project_group(const Acc* const* rows, const ProjectionLayout& layout, const Acc* packed, Acc* out) {
   if (layout.half_packets) {
@@ -305,6 +305,123 @@ void merge_row(const Acc* x, int streams, Index channels, const Acc* h, const Ac
   }
 }
 
+// Backward of merge_row for one token, given grad_next = dL/dx_next (n x C):
+//   grad_x[j * channels + c] = sum_i mixing[i * n + j] * grad_next[i * channels + c]  (H_res^T dx_next)
+//   grad_h[c]                = sum_i post[i] * grad_next[i * channels + c]
+//   grad_post[i]             = <grad_next[stream i], h>
+//   grad_mixing[i * n + j]   = <grad_next[stream i], x[stream j]>
+// `partial_sums` is scratch for (n*n + n) packets of partial dot products. The outputs must not
+// overlap the inputs.
+template <int N, typename Acc>
+void merge_row_backward(const Acc* x, int streams, Index channels, const Acc* h, const Acc* mixing, const Acc* post,
+                        const Acc* grad_next, Acc* grad_x, Acc* grad_h, Acc* grad_post, Acc* grad_mixing,
+                        Acc* partial_sums) {
+  using P = Packet<Acc>;
+  constexpr Index L = packet_size<Acc>;
+  const int n = stream_count<N>(streams);
+  const int dots = n * n + n;  // mixing entries first, then post
+  for (int d = 0; d < dots; ++d) Eigen::internal::pstoreu(partial_sums + d * L, Eigen::internal::pset1<P>(Acc(0)));
+
+  for (Index tile = 0; tile < channels; tile += kMergeTile) {
+    const Index end = std::min(channels, tile + kMergeTile);
+    const Index packet_end = tile + (end - tile) / L * L;
+
+    // The two stream mixes, each output written once.
+    for (int j = 0; j < n; ++j) {
+      for (Index c = tile; c < packet_end; c += L) {
+        P sum = Eigen::internal::pmul(Eigen::internal::pset1<P>(mixing[j]), Eigen::internal::ploadu<P>(grad_next + c));
+        for (int i = 1; i < n; ++i) {
+          sum = Eigen::internal::pmadd(Eigen::internal::pset1<P>(mixing[i * n + j]),
+                                       Eigen::internal::ploadu<P>(grad_next + i * channels + c), sum);
+        }
+        Eigen::internal::pstoreu(grad_x + j * channels + c, sum);
+      }
+    }
+    for (Index c = tile; c < packet_end; c += L) {
+      P sum = Eigen::internal::pmul(Eigen::internal::pset1<P>(post[0]), Eigen::internal::ploadu<P>(grad_next + c));
+      for (int i = 1; i < n; ++i) {
+        sum = Eigen::internal::pmadd(Eigen::internal::pset1<P>(post[i]),
+                                     Eigen::internal::ploadu<P>(grad_next + i * channels + c), sum);
+      }
+      Eigen::internal::pstoreu(grad_h + c, sum);
+    }
+
+    // Dot products of grad_next with x and h over the tile, which is still in L1.
+    for (int i = 0; i < n; ++i) {
+      const Acc* grad_i = grad_next + i * channels;
+      for (int j = 0; j <= n; ++j) {
+        const Acc* other = j < n ? x + j * channels : h;
+        Acc* partial = partial_sums + (j < n ? i * n + j : n * n + i) * L;
+        P sum = Eigen::internal::ploadu<P>(partial);
+        for (Index c = tile; c < packet_end; c += L) {
+          sum = Eigen::internal::pmadd(Eigen::internal::ploadu<P>(grad_i + c), Eigen::internal::ploadu<P>(other + c), sum);
+        }
+        Eigen::internal::pstoreu(partial, sum);
+      }
+    }
+
+    // Channels after the last whole packet of the tile.
+    for (Index c = packet_end; c < end; ++c) {
+      Acc sum_h = 0;
+      for (int i = 0; i < n; ++i) sum_h += post[i] * grad_next[i * channels + c];
+      grad_h[c] = sum_h;
+      for (int j = 0; j < n; ++j) {
+        Acc sum = 0;
+        for (int i = 0; i < n; ++i) sum += mixing[i * n + j] * grad_next[i * channels + c];
+        grad_x[j * channels + c] = sum;
+      }
+    }
+  }
+
+  for (int i = 0; i < n; ++i) {
+    for (int j = 0; j <= n; ++j) {
+      const Acc* other = j < n ? x + j * channels : h;
+      const int d = j < n ? i * n + j : n * n + i;
+      Acc sum = Eigen::internal::predux(Eigen::internal::ploadu<P>(partial_sums + d * L));
+      for (Index tile = 0; tile < channels; tile += kMergeTile) {
+        const Index end = std::min(channels, tile + kMergeTile);
+        for (Index c = tile + (end - tile) / L * L; c < end; ++c) sum += grad_next[i * channels + c] * other[c];
+      }
+      if (j < n) {
+        grad_mixing[i * n + j] = sum;
+      } else {
+        grad_post[i] = sum;
+      }
+    }
+  }
+}
+
+// Backward of aggregate_row for one token, given grad_h = dL/dh_in (C values):
+//   grad_x[i * channels + c] (+)= weights[i] * grad_h[c]  (added when kAccumulate)
+//   grad_weights[i]             = <grad_h, x[stream i]>
+template <int N, bool kAccumulate, typename Acc>
+void aggregate_row_backward(const Acc* x, int streams, Index channels, const Acc* weights, const Acc* grad_h,
+                            Acc* grad_x, Acc* grad_weights) {
+  using P = Packet<Acc>;
+  constexpr Index L = packet_size<Acc>;
+  const int n = stream_count<N>(streams);
+  for (int i = 0; i < n; ++i) {
+    const Acc* x_i = x + i * channels;
+    Acc* grad_i = grad_x + i * channels;
+    const P weight = Eigen::internal::pset1<P>(weights[i]);
+    P dot = Eigen::internal::pset1<P>(Acc(0));
+    Index c = 0;
+    for (; c + L <= channels; c += L) {
+      const P g = Eigen::internal::ploadu<P>(grad_h + c);
+      dot = Eigen::internal::pmadd(g, Eigen::internal::ploadu<P>(x_i + c), dot);
+      P value = Eigen::internal::pmul(weight, g);
+      if constexpr (kAccumulate) value = Eigen::internal::padd(Eigen::internal::ploadu<P>(grad_i + c), value);
+      Eigen::internal::pstoreu(grad_i + c, value);
+    }
+    Acc sum = Eigen::internal::predux(dot);
+    for (; c < channels; ++c) {
+      sum += grad_h[c] * x_i[c];
+      grad_i[c] = kAccumulate ? grad_i[c] + weights[i] * grad_h[c] : weights[i] * grad_h[c];
+    }
+    grad_weights[i] = sum;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Coefficients of one token.
 
@@ -364,7 +481,7 @@ bool sinkhorn_linear(Acc* matrix, int streams, const SinkhornOptions& options) {
   std::vector<Acc> column_scale_heap;
   Acc* column_scale = column_scale_stack;
   if (n > kStackStreams) {
-    // NOTE: only stream counts above 32 reach this allocation.
+    // NOTE: stream counts above 32 allocate here once per token.
     column_scale_heap.resize(static_cast<std::size_t>(n));
     column_scale = column_scale_heap.data();
   }
