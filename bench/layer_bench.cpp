@@ -1,12 +1,18 @@
 // Benchmarks of one mHC layer on the CPU: fused kernels, reference kernels, and the layer around
-// an MLP branch against a plain residual connection.
+// an MLP branch against a plain residual connection. "backward" covers the merge and aggregation
+// backward only: the gradient through the coefficients (Sinkhorn-Knopp, phi) is not included.
 //
 // For n up to about 8 the layer is bandwidth-bound: per token it does O(n*C*(n*n + 2n)) flops
 // on n*C values. The minimal memory traffic per token, with s the bytes of the storage type and
 // S those of the coefficient type, is
 //   prepare (before the branch): read n*C*s (x), write C*s (h_in) + (n*n + 2n)*S (coefficients);
 //   merge (after the branch):    read (n*C + C)*s (x, h_out) + (n*n + n)*S, write n*C*s (x_next);
-//   forward:                     the sum of the two.
+//   forward:                     the sum of the two;
+//   merge backward:              read (2n*C + C)*s (x, h_out, dx_next) + (n*n + n)*S,
+//                                write (n*C + C)*s (dx, dh_out) + (n*n + n)*S;
+//   aggregation backward (+=):   read (2n*C + C)*s (x, dh_in, dx) + n*S, write n*C*s (dx) + n*S;
+//   backward:                    the sum of the two (the branch runs between them, so they cannot
+//                                share a pass); forward_backward: forward plus backward.
 // For n >= 16 the projection vec(x) phi dominates and the kernels become compute-bound, so the
 // copy_fraction counter drops there by design.
 //
@@ -28,6 +34,7 @@
 
 #include <mhc/fused.hpp>
 #include <mhc/layer.hpp>
+#include <mhc/layer_backward.hpp>
 
 #include <benchmark/benchmark.h>
 
@@ -53,7 +60,9 @@ struct LayerData {
         x(mhc::bench::uniform_matrix<Storage>(tokens, Index(streams) * channels, 2)),
         branch_output(mhc::bench::uniform_matrix<Storage>(tokens, channels, 3)),
         branch_input(tokens, channels),
-        x_next(tokens, Index(streams) * channels) {}
+        x_next(tokens, Index(streams) * channels),
+        grad_x(tokens, Index(streams) * channels),
+        grad_branch_output(tokens, channels) {}
 
   double prepare_traffic() const {
     const double n = parameters.streams;
@@ -69,12 +78,23 @@ struct LayerData {
            ((2 * n * c + c) * sizeof(Storage) + (n * n + n) * sizeof(Scalar));
   }
 
+  double backward_traffic() const {
+    const double n = parameters.streams;
+    const double c = parameters.channels;
+    const double merge = (3 * n * c + 2 * c) * sizeof(Storage) + 2 * (n * n + n) * sizeof(Scalar);
+    const double aggregate = (3 * n * c + c) * sizeof(Storage) + 2 * n * sizeof(Scalar);
+    return static_cast<double>(x.rows()) * (merge + aggregate);
+  }
+
   mhc::Parameters<Scalar> parameters;
   RowMatrix<Storage> x;
   RowMatrix<Storage> branch_output;
   RowMatrix<Storage> branch_input;
   RowMatrix<Storage> x_next;
+  RowMatrix<Storage> grad_x;
+  RowMatrix<Storage> grad_branch_output;
   mhc::Coefficients<Scalar> coefficients;
+  RowMatrix<Scalar> grad_pre, grad_post, grad_res;
 };
 
 struct Arguments {
@@ -89,7 +109,22 @@ Arguments read_arguments(const benchmark::State& state) {
           static_cast<int>(state.range(3))};
 }
 
-enum class Kernel { kPrepare, kMerge, kForward };
+enum class Kernel { kPrepare, kMerge, kForward, kBackward, kForwardBackward };
+
+constexpr bool runs_prepare(Kernel kind) {
+  return kind == Kernel::kPrepare || kind == Kernel::kForward || kind == Kernel::kForwardBackward;
+}
+constexpr bool runs_merge(Kernel kind) {
+  return kind == Kernel::kMerge || kind == Kernel::kForward || kind == Kernel::kForwardBackward;
+}
+constexpr bool runs_backward(Kernel kind) { return kind == Kernel::kBackward || kind == Kernel::kForwardBackward; }
+
+// Minimal traffic of the kernels that `kind` runs.
+template <typename Storage>
+double layer_traffic(const LayerData<Storage>& data, Kernel kind) {
+  return (runs_prepare(kind) ? data.prepare_traffic() : 0.0) + (runs_merge(kind) ? data.merge_traffic() : 0.0) +
+         (runs_backward(kind) ? data.backward_traffic() : 0.0);
+}
 
 template <typename Storage, Kernel kind>
 void fused_layer(benchmark::State& state) {
@@ -99,18 +134,24 @@ void fused_layer(benchmark::State& state) {
   mhc::fused::prepare_branch(data.parameters, data.x, data.coefficients, data.branch_input, workspace);
 
   const mhc::bench::Stopwatch stopwatch;
+  // In the backward pass x_next stands in for dL/dx_next and h_out for dL/dh_in.
   for (auto _ : state) {
-    if (kind != Kernel::kMerge) {
+    if (runs_prepare(kind)) {
       mhc::fused::prepare_branch(data.parameters, data.x, data.coefficients, data.branch_input, workspace);
     }
-    if (kind != Kernel::kPrepare) {
+    if (runs_merge(kind)) {
       mhc::fused::merge_streams(data.coefficients, data.x, data.branch_output, data.x_next, workspace);
+    }
+    if (runs_backward(kind)) {
+      mhc::fused::merge_streams_backward(data.coefficients, data.x, data.branch_output, data.x_next, data.grad_x,
+                                         data.grad_branch_output, data.grad_post, data.grad_res, workspace);
+      mhc::fused::aggregate_streams_backward(data.coefficients, data.x, data.branch_output, data.grad_x,
+                                             data.grad_pre, workspace, mhc::fused::GradientWrite::kAdd);
     }
     benchmark::ClobberMemory();
   }
 
-  const double traffic = (kind != Kernel::kMerge ? data.prepare_traffic() : 0.0) +
-                         (kind != Kernel::kPrepare ? data.merge_traffic() : 0.0);
+  const double traffic = layer_traffic(data, kind);
   mhc::bench::set_traffic_counters(state, arguments.tokens, traffic, arguments.threads, stopwatch.seconds());
 }
 
@@ -123,19 +164,23 @@ void reference_layer(benchmark::State& state) {
 
   const mhc::bench::Stopwatch stopwatch;
   for (auto _ : state) {
-    if (kind != Kernel::kMerge) {
+    if (runs_prepare(kind)) {
       mhc::BranchInput<Scalar> prepared = mhc::prepare_branch(data.parameters, data.x);
       benchmark::DoNotOptimize(prepared.input.data());
       data.coefficients = std::move(prepared.coefficients);
     }
-    if (kind != Kernel::kPrepare) {
+    if (runs_merge(kind)) {
       mhc::merge_streams(data.coefficients, data.x, data.branch_output, mhc::RowMatrixRef<Scalar>(data.x_next));
+    }
+    if (runs_backward(kind)) {
+      const auto merge = mhc::merge_streams_backward(data.coefficients, data.x, data.branch_output, data.x_next);
+      const auto aggregate = mhc::aggregate_streams_backward(data.coefficients, data.x, data.branch_output);
+      data.grad_x.noalias() = merge.x + aggregate.x;
     }
     benchmark::ClobberMemory();
   }
 
-  const double traffic = (kind != Kernel::kMerge ? data.prepare_traffic() : 0.0) +
-                         (kind != Kernel::kPrepare ? data.merge_traffic() : 0.0);
+  const double traffic = layer_traffic(data, kind);
   mhc::bench::set_traffic_counters(state, arguments.tokens, traffic, arguments.threads, stopwatch.seconds());
 }
 
@@ -278,6 +323,11 @@ void register_all(bool full) {
   register_layer("reference_prepare/float", reference_layer<float, Kernel::kPrepare>, reference);
   register_layer("reference_merge/float", reference_layer<float, Kernel::kMerge>, reference);
   register_layer("reference_forward/float", reference_layer<float, Kernel::kForward>, reference);
+  register_layer("fused_backward/float", fused_layer<float, Kernel::kBackward>, fused);
+  register_layer("fused_forward_backward/float", fused_layer<float, Kernel::kForwardBackward>, fused);
+  register_layer("fused_forward_backward/bfloat16", fused_layer<Eigen::bfloat16, Kernel::kForwardBackward>, fused);
+  register_layer("reference_backward/float", reference_layer<float, Kernel::kBackward>, reference);
+  register_layer("reference_forward_backward/float", reference_layer<float, Kernel::kForwardBackward>, reference);
   if (full) {
     register_layer("fused_prepare/bfloat16", fused_layer<Eigen::bfloat16, Kernel::kPrepare>, fused);
     register_layer("fused_merge/bfloat16", fused_layer<Eigen::bfloat16, Kernel::kMerge>, fused);
