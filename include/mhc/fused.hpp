@@ -6,8 +6,13 @@
 //                           H_pre, H_post, H_res (Sinkhorn-Knopp on the stack) and h_in = H_pre x.
 //   fused::merge_streams    x_next = H_res x + H_post^T h_out in one pass that reads x and h_out
 //                           once and writes x_next once.
+//   fused::merge_streams_backward, fused::aggregate_streams_backward
+//                           the gradients of those two mixes, each in one pass.
 // Per token the minimal traffic is n*C values read and C written (+ the coefficients) before the
 // branch, and n*C + C read and n*C written after it.
+//
+// NOTE: the backward pass through the coefficients (sigmoid, Sinkhorn-Knopp, the RMS scale and
+// phi) has no fused kernel yet.
 //
 // Types. Storage is the type of x, h_in, h_out and x_next: float, double or Eigen::bfloat16.
 // Scalar is the type of the parameters and coefficients (float or double), and every sum is
@@ -494,10 +499,7 @@ void merge_streams_backward(const Coefficients<Scalar>& coefficients, const Cons
 // grad_branch_input = dL/dh_in (T x C). Writes (or with GradientWrite::kAdd, adds) H_pre[i] dh_in
 // to stream i of grad_x (T x n*C), and sets grad_pre (T x n, resized) to <dh_in, x[stream i]>.
 // grad_x must not overlap x or grad_branch_input. Matches mhc::aggregate_streams_backward to
-// rounding.
-//
-// NOTE: the gradient through the coefficients (sigmoid, Sinkhorn-Knopp, the RMS scale and phi)
-// is not fused yet: grad_pre, grad_post and grad_res go to the reference coefficient backward.
+// rounding. grad_pre, like the merge's grad_post and grad_res, feeds the coefficient backward.
 template <typename Storage, typename Scalar>
 void aggregate_streams_backward(const Coefficients<Scalar>& coefficients, const ConstRowMatrixRef<Storage>& x,
                                 const ConstRowMatrixRef<Storage>& grad_branch_input, RowMatrixRef<Storage> grad_x,

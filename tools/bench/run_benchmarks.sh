@@ -15,15 +15,16 @@ repetitions="${MHC_BENCH_REPETITIONS:-5}"
 build="$repository/build/bench-native"
 
 mkdir -p "$output"
+output="$(cd "$output" && pwd)"
 cmake -S "$repository" -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_FLAGS=-march=native \
   -DMHC_BUILD_TESTS=OFF -DMHC_BUILD_EXAMPLES=OFF >/dev/null
-cmake --build "$build" --target layer_bench -j "$(nproc)" >/dev/null
+cmake --build "$build" --target layer_bench -j "$(nproc)" >"$output/build.log" 2>&1
 
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "commit: $(git -C "$repository" rev-parse --short HEAD)"
   echo "compiler: $(c++ --version | head -n 1)"
-  lscpu | grep -E '^(Model name|CPU\(s\)|Thread|Core|Socket|L1d|L2|L3)'
+  lscpu | grep -E '^(Model name|CPU family|Model:|CPU\(s\)|Thread|Core|Socket|L1d|L2|L3)'
   grep MemTotal /proc/meminfo
   echo "load average: $(cut -d ' ' -f 1-3 /proc/loadavg)"
 } | tee "$output/machine.txt"
