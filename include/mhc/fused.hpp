@@ -449,7 +449,7 @@ void forward(const Parameters<Scalar>& parameters, const ConstRowMatrixRef<Stora
   merge_streams(workspace.coefficients, x, branch_output, x_next, workspace);
 }
 
-// How a backward kernel writes the gradient of x.
+// Choice between overwriting grad_x and adding to it, for the backward kernels.
 enum class GradientWrite {
   kOverwrite,  // grad_x = this kernel's share
   kAdd,        // grad_x += this kernel's share, to sum the paths of x through one layer
@@ -478,11 +478,13 @@ void merge_streams_backward(const Coefficients<Scalar>& coefficients, const Cons
   mhc::detail::check_shape(function, "grad_x_next", grad_x_next, x.rows(), x.cols());
   mhc::detail::check_shape(function, "grad_x", grad_x, x.rows(), x.cols());
   mhc::detail::check_shape(function, "grad_branch_output", grad_branch_output, x.rows(), channels);
-  for (const auto* input : {&x, &branch_output, &grad_x_next}) {
-    const char* name = input == &x ? "x" : input == &branch_output ? "branch_output" : "grad_x_next";
-    detail::check_no_overlap(function, "grad_x", name, grad_x, *input);
-    detail::check_no_overlap(function, "grad_branch_output", name, grad_branch_output, *input);
-  }
+  const auto check_disjoint_from_inputs = [&](const char* output_name, const auto& output) {
+    detail::check_no_overlap(function, output_name, "x", output, x);
+    detail::check_no_overlap(function, output_name, "branch_output", output, branch_output);
+    detail::check_no_overlap(function, output_name, "grad_x_next", output, grad_x_next);
+  };
+  check_disjoint_from_inputs("grad_x", grad_x);
+  check_disjoint_from_inputs("grad_branch_output", grad_branch_output);
   detail::check_no_overlap(function, "grad_branch_output", "grad_x", grad_branch_output, grad_x);
 
   grad_post.resize(x.rows(), n);
