@@ -445,6 +445,28 @@ TEST(FusedSinkhorn, UnderflowFallsBackToLogDomain) {
   }
 }
 
+TEST(FusedSinkhorn, OptionsMatchReference) {
+  // Zero rounds, the log-domain method and an early stop, each against the reference layer.
+  const int n = 4;
+  const auto parameters = random_parameters<double>(n, 9, 43);
+  const RowMatrix<double> x = random_state<double>(6, n * 9, 44);
+  std::vector<mhc::Options> cases(3);
+  cases[0].sinkhorn.iterations = 0;
+  cases[1].sinkhorn.method = mhc::SinkhornMethod::log_domain;
+  cases[2].sinkhorn.iterations = 500;
+  cases[2].sinkhorn.tolerance = 1e-4;
+  mhc::fused::Workspace<double, double> workspace;
+  for (std::size_t k = 0; k < cases.size(); ++k) {
+    SCOPED_TRACE(::testing::Message() << "case " << k);
+    mhc::Coefficients<double> coefficients;
+    RowMatrix<double> input(6, 9);
+    mhc::fused::prepare_branch(parameters, x, coefficients, input, workspace, cases[k]);
+    const auto expected = mhc::compute_coefficients(parameters, x, cases[k]);
+    const double bound = tolerance<double>(n * 9 + 4.0 * n * std::max(cases[k].sinkhorn.iterations, 1));
+    expect_near_matrix(coefficients.res, expected.res, bound, 0.0, "res");
+  }
+}
+
 TEST(FusedSinkhorn, ToleranceStopsEarly) {
   const int n = 4;
   const auto parameters = random_parameters<double>(n, 9, 41);

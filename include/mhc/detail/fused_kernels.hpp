@@ -440,12 +440,26 @@ struct CoefficientRule {
   SinkhornOptions sinkhorn;
 };
 
+// max |column sum - 1| of exp(matrix) for an n x n matrix of logarithms.
+template <typename Acc>
+Acc log_domain_column_error(const Acc* matrix, int n) {
+  Acc error = 0;
+  for (int j = 0; j < n; ++j) {
+    Acc sum = 0;
+    for (int i = 0; i < n; ++i) sum += std::exp(matrix[i * n + j]);
+    error = std::max(error, std::abs(sum - Acc(1)));
+  }
+  return error;
+}
+
 // Log-domain Sinkhorn-Knopp on the n x n logits in `matrix` (overwritten with the result):
 // alternately subtracts the log-sum-exp of each column and of each row. Slower than the linear
 // iteration but free of underflow, so it serves as the fallback when a row of exp(logits)
-// underflows to zero. It always runs every round: the tolerance of `options` is not checked.
+// underflows to zero. With a positive tolerance it stops after a round once
+// max |column sum - 1| <= tolerance, like the linear iteration.
 template <typename Acc>
 void sinkhorn_log_domain(Acc* matrix, int n, const SinkhornOptions& options) {
+  const Acc tolerance = static_cast<Acc>(options.tolerance);
   for (int round = 0; round < options.iterations; ++round) {
     for (int j = 0; j < n; ++j) {
       Acc largest = matrix[j];
@@ -463,6 +477,7 @@ void sinkhorn_log_domain(Acc* matrix, int n, const SinkhornOptions& options) {
       const Acc shift = largest + std::log(sum);
       for (int j = 0; j < n; ++j) row[j] -= shift;
     }
+    if (tolerance > 0 && log_domain_column_error(matrix, n) <= tolerance) break;
   }
   for (int k = 0; k < n * n; ++k) matrix[k] = std::exp(matrix[k]);
 }
@@ -540,9 +555,16 @@ void token_coefficients(const Acc* projection, Acc squares, int streams, const C
     post[i] = Acc(2) * sigmoid(post_scale * projection[n + i] + rule.bias[n + i]);
   }
   for (int k = 0; k < n * n; ++k) res[k] = res_scale * projection[2 * n + k] + rule.bias[2 * n + k];
-  if (sinkhorn_linear<N>(res, n, rule.sinkhorn)) return;
 
-  for (int k = 0; k < n * n; ++k) res[k] = res_scale * projection[2 * n + k] + rule.bias[2 * n + k];
+  // Zero rounds leave exp(logits) unnormalised, without the column shift that the rounds undo.
+  if (rule.sinkhorn.iterations == 0) {
+    for (int k = 0; k < n * n; ++k) res[k] = std::exp(res[k]);
+    return;
+  }
+  if (rule.sinkhorn.method == SinkhornMethod::linear) {
+    if (sinkhorn_linear<N>(res, n, rule.sinkhorn)) return;
+    for (int k = 0; k < n * n; ++k) res[k] = res_scale * projection[2 * n + k] + rule.bias[2 * n + k];
+  }
   sinkhorn_log_domain(res, n, rule.sinkhorn);
 }
 
