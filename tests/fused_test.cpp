@@ -1,5 +1,5 @@
-// Fused kernels against the reference kernels of layer.hpp, over storage types, shapes, views
-// and thread counts.
+// Fused kernels against the reference kernels of layer.hpp and layer_backward.hpp, over storage
+// types, shapes, views and thread counts.
 #include <mhc/fused.hpp>
 #include <mhc/layer_backward.hpp>
 
@@ -226,8 +226,8 @@ TYPED_TEST(FusedTest, BackwardMatchesReference) {
     const auto merge = mhc::merge_streams_backward(shared, widen(x), widen(output), widen(grad_next));
     const auto aggregate = mhc::aggregate_streams_backward(shared, widen(x), widen(grad_input));
 
-    // Inputs are uniform in magnitude up to `largest`: the mixes sum n terms with weights of at
-    // most 2, the dot products C terms, all in Scalar; x and h_out gradients round once to Storage.
+    // Every input is bounded by `largest`. The mixes sum n terms with weights of at most 2 and the
+    // dot products sum C terms, all in Scalar. The x and h_out gradients round once to Storage.
     const double largest = tokens > 0 ? std::max(widen(x).cwiseAbs().maxCoeff(), widen(grad_next).cwiseAbs().maxCoeff()) : 0.0;
     const double mix_bound = 2 * tolerance<Scalar>(shape.streams + 1) * shape.streams * largest;
     const double dot_bound = tolerance<Scalar>(shape.channels) * shape.channels * largest * largest;
