@@ -5,8 +5,10 @@
 #include <mhc/common.hpp>
 #include <mhc/deepseek.hpp>
 #include <mhc/diagnostics.hpp>
+#include <mhc/fused.hpp>
 #include <mhc/layer.hpp>
 #include <mhc/layer_backward.hpp>
 #include <mhc/sinkhorn.hpp>
 #include <mhc/streams.hpp>
+#include <mhc/thread_pool.hpp>
 #include <mhc/variants.hpp>
