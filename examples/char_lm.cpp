@@ -109,9 +109,12 @@ int run(const char_lm::Settings& settings) {
     write_csv_header(csv, settings.model.layers);
   }
   char_lm::Panel loss_panel{"Character model: loss per byte", "training step", "cross-entropy (nats per byte)",
+                            "solid: validation; dashed: training, averaged over the steps since the previous point",
                             false, {}};
-  char_lm::Panel gain_panel{"Composite backward gain of H_res, largest over layers", "training step",
-                            "Amax gain (log scale)", true, {}};
+  char_lm::Panel gain_panel{"Gradient gain through the stream mixing", "training step", "Amax gain (log scale)",
+                            "largest over layers l of the max absolute column sum of H_res(L) ... H_res(l), "
+                            "mean over validation tokens",
+                            true, {}};
 
   for (mhc::Connection connection : settings.connections) {
     char_lm::ModelConfig config = settings.model;

@@ -17,7 +17,7 @@
 
 namespace char_lm {
 
-// Invalid command-line input; the message says which option and value, and what is expected.
+// Invalid command-line input. The message names the option, the value and what is expected.
 class UsageError : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;

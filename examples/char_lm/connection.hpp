@@ -30,9 +30,9 @@ template <typename Scalar>
 using ConnectionParameters = typename mhc::HyperConnection<Scalar>::Rule;
 
 // Each for_each_tensor overload calls visit(name, data, size, decay) once per learned tensor of
-// a rule, in a fixed order; `decay` says whether AdamW applies weight decay to it. Weight
-// matrices decay. Biases, scales and the static coefficients do not, because decay would pull
-// them away from their identity initialisation toward zero.
+// a rule, in a fixed order. `decay` is true where AdamW applies weight decay: to the weight
+// matrices, but not to biases, scales and static coefficients, because decay would pull those
+// from their identity initialisation toward zero.
 template <typename Scalar, typename Visitor>
 void for_each_tensor(mhc::ResidualParameters<Scalar>&, Visitor&&) {}
 

@@ -127,8 +127,8 @@ inline std::string read_text_file(const std::string& path) {
 }
 
 // Splits `text` into the first (1 - validation_fraction) for training and the rest for
-// validation. Each part must hold at least window + 1 bytes so that it contains one complete
-// prediction task; otherwise throws std::invalid_argument.
+// validation. Throws std::invalid_argument unless each part has at least window + 1 bytes, the
+// length of one complete prediction task.
 inline Corpus split_corpus(const std::string& text, double validation_fraction, int window) {
   const auto validation_bytes = static_cast<std::size_t>(static_cast<double>(text.size()) * validation_fraction);
   Corpus corpus;
@@ -153,7 +153,8 @@ inline void append_task(Batch& batch, const std::string& text, std::size_t posit
 }
 
 // Draws `sequences` random runs of `length` consecutive prediction tasks from `text`, so the
-// batch holds sequences * length tasks (fewer positions wrap around to the start).
+// batch contains sequences * length tasks. A run that reaches the end of the text continues
+// from its first valid position.
 inline Batch sample_batch(const std::string& text, int window, int sequences, int length, std::mt19937& generator) {
   Batch batch;
   batch.window = window;

@@ -34,7 +34,7 @@ inline constexpr int vocabulary_size = 256;  // one token per byte value
 struct ModelConfig {
   int channels = 64;  // C
   int layers = 4;     // L
-  int streams = 4;    // n; the plain residual connection always uses 1
+  int streams = 4;    // n, except that the plain residual connection always uses 1
   int window = 8;     // k, previous bytes visible to each prediction
   mhc::Connection connection = mhc::Connection::mhc;
 

@@ -21,12 +21,13 @@ struct Curve {
   std::vector<std::pair<double, double>> points;
 };
 
-// One chart: its curves and axis titles. A logarithmic y axis needs positive values; points
-// with y <= 0 or non-finite coordinates are skipped.
+// One chart: its curves and axis titles. Points with non-finite coordinates are skipped, and so
+// are points with y <= 0 on a logarithmic y axis.
 struct Panel {
   std::string title;
   std::string x_label;
   std::string y_label;
+  std::string note;  // one line under the title, for example what the line styles mean
   bool log_y = false;
   std::vector<Curve> curves;
 };
@@ -66,8 +67,8 @@ inline double tick_spacing(double low, double high, int target) {
 // Draws one panel into a box of width x height at (left, top), with the legend on the right.
 inline void draw_panel(std::ostringstream& svg, const Panel& panel, double left, double top, double width,
                        double height) {
-  const double plot_left = left + 70, plot_top = top + 40;
-  const double plot_width = width - 70 - 190, plot_height = height - 40 - 55;
+  const double plot_left = left + 70, plot_top = top + 52;
+  const double plot_width = width - 70 - 190, plot_height = height - 52 - 55;
   const auto transform_y = [&](double y) { return panel.log_y ? std::log10(y) : y; };
   const auto usable = [&](double x, double y) { return std::isfinite(x) && std::isfinite(y) && (!panel.log_y || y > 0); };
 
@@ -89,6 +90,8 @@ inline void draw_panel(std::ostringstream& svg, const Panel& panel, double left,
 
   svg << "<text x=\"" << plot_left + plot_width / 2 << "\" y=\"" << top + 24
       << "\" text-anchor=\"middle\" font-size=\"16\" font-weight=\"bold\">" << escape_xml(panel.title) << "</text>\n";
+  svg << "<text x=\"" << plot_left + plot_width / 2 << "\" y=\"" << top + 40
+      << "\" text-anchor=\"middle\" font-size=\"12\" fill=\"#555\">" << escape_xml(panel.note) << "</text>\n";
   svg << "<rect x=\"" << plot_left << "\" y=\"" << plot_top << "\" width=\"" << plot_width << "\" height=\""
       << plot_height << "\" fill=\"none\" stroke=\"#444\"/>\n";
 
@@ -108,9 +111,15 @@ inline void draw_panel(std::ostringstream& svg, const Panel& panel, double left,
         if (std::log10(value) >= y_min && std::log10(value) <= y_max) y_ticks.push_back(value);
       }
     }
-  } else {
-    const double y_step = tick_spacing(y_min, y_max, 6);
-    for (double y = std::ceil(y_min / y_step) * y_step; y <= y_max + 1e-9; y += y_step) y_ticks.push_back(y);
+  }
+  if (y_ticks.size() < 3) {
+    // A linear axis, or a logarithmic one spanning too little for 1-2-5 ticks: evenly spaced
+    // values, placed on the logarithmic scale where there is one.
+    y_ticks.clear();
+    const double low = panel.log_y ? std::pow(10.0, y_min) : y_min;
+    const double high = panel.log_y ? std::pow(10.0, y_max) : y_max;
+    const double y_step = tick_spacing(low, high, 6);
+    for (double y = std::ceil(low / y_step) * y_step; y <= high + 1e-9 * y_step; y += y_step) y_ticks.push_back(y);
   }
   for (double y : y_ticks) {
     svg << "<line x1=\"" << plot_left << "\" y1=\"" << py(y) << "\" x2=\"" << plot_left + plot_width << "\" y2=\""

@@ -21,10 +21,10 @@ namespace char_lm {
 struct TrainingOptions {
   int steps = 1000;
   double learning_rate = 3e-3;  // peak, after the warmup
-  int warmup_steps = 100;       // linear warmup; then a cosine decay to 10 % of the peak at the last step
+  int warmup_steps = 100;       // linear warmup, followed by a cosine decay to 10 % of the peak
   int batch_sequences = 16;     // runs of consecutive tasks per batch
   int sequence_length = 64;     // tasks per run
-  int eval_every = 100;         // steps between validation evaluations; the first and last step always evaluate
+  int eval_every = 100;         // steps between evaluations, which also run before step 1 and after the last
   int eval_batches = 4;         // fixed validation batches per evaluation
   std::uint32_t seed = 1;       // batch order
   AdamWOptions adamw;
@@ -33,13 +33,14 @@ struct TrainingOptions {
 // One evaluation of a run.
 struct Evaluation {
   int step = 0;
-  double train_loss = 0.0;       // mean training loss since the previous evaluation; before step 1
-                                 // the loss on the first eval_batches training batches
+  // Mean training loss over the steps since the previous evaluation. Before step 1 it is the
+  // loss on eval_batches fixed training batches.
+  double train_loss = 0.0;
   double validation_loss = 0.0;  // mean over the fixed validation batches, in nats per byte
   std::vector<mhc::LayerGain> gains;  // of H_res per layer, averaged over the first validation batch
-  double tokens_per_second = 0.0;     // training throughput since the start of the run
-  double elapsed_seconds = 0.0;
-  double remaining_seconds = 0.0;     // estimate from the mean time per step so far
+  double tokens_per_second = 0.0;     // training steps only, since the start of the run
+  double elapsed_seconds = 0.0;       // including evaluations
+  double remaining_seconds = 0.0;     // estimate from the mean elapsed time per step so far
 };
 
 // Learning rate at `step` (1-based) of `steps`: linear warmup, then cosine decay to 10 %.
@@ -77,6 +78,7 @@ void train(Model<Scalar>& model, const Corpus& corpus, const TrainingOptions& op
   const auto start = std::chrono::steady_clock::now();
   const double tokens_per_step = double(options.batch_sequences) * options.sequence_length;
 
+  double training_seconds = 0.0;
   double train_loss_sum = 0.0;
   int train_loss_count = 0;
   const auto report = [&](int step) {
@@ -92,7 +94,7 @@ void train(Model<Scalar>& model, const Corpus& corpus, const TrainingOptions& op
     evaluation.validation_loss = evaluate(model, validation, &evaluation.gains);
     evaluation.elapsed_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (step > 0) {
-      evaluation.tokens_per_second = tokens_per_step * step / evaluation.elapsed_seconds;
+      evaluation.tokens_per_second = tokens_per_step * step / training_seconds;
       evaluation.remaining_seconds = evaluation.elapsed_seconds / step * (options.steps - step);
     }
     train_loss_sum = 0.0;
@@ -102,20 +104,22 @@ void train(Model<Scalar>& model, const Corpus& corpus, const TrainingOptions& op
 
   report(0);
   for (int step = 1; step <= options.steps; ++step) {
+    const auto step_start = std::chrono::steady_clock::now();
     const Batch batch =
         sample_batch(corpus.train, window, options.batch_sequences, options.sequence_length, generator);
     const Activations<Scalar> activations = model.forward(batch);
     Weights<Scalar> gradient = model.backward(batch, activations);
     optimizer.step(model.weights(), gradient, learning_rate_at(options, step));
+    training_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
     train_loss_sum += activations.loss;
     ++train_loss_count;
     if (step % options.eval_every == 0 || step == options.steps) report(step);
   }
 }
 
-// Continues `prompt` by `count` bytes sampled from the model at `temperature` (> 0; below 1
-// sharpens the distribution). A prompt shorter than the context window is padded on the left
-// with spaces.
+// Returns `count` bytes sampled from the model after `prompt`, one at a time. A `temperature`
+// below 1 sharpens the distribution and must be positive. A prompt shorter than the context
+// window is padded on the left with spaces.
 template <typename Scalar>
 std::string sample_text(const Model<Scalar>& model, const std::string& prompt, int count, double temperature,
                         std::uint32_t seed) {
