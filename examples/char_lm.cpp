@@ -35,8 +35,8 @@ std::string format_duration(double seconds) {
   return buffer;
 }
 
-// Replaces bytes that would garble a terminal (control characters other than newline and tab,
-// and bytes >= 128, which may be partial UTF-8 sequences) with '?'.
+// Replaces bytes that could garble a terminal with '?': control characters other than newline
+// and tab, DEL (127), and bytes from 128 up, which may be parts of UTF-8 sequences.
 std::string printable(const std::string& text) {
   std::string result = text;
   for (char& c : result) {

@@ -126,6 +126,18 @@ TEST_P(CharLmTraining, LossFalls) {
   ASSERT_EQ(evaluations.back().gains.size(), 2u);
 }
 
+TEST(CharLmTrain, RejectsInvalidOptions) {
+  ModelConfig config;
+  config.channels = 4;
+  config.layers = 1;
+  config.window = 2;
+  Model<double> model(config, 1);
+  const char_lm::Corpus corpus = char_lm::split_corpus(char_lm::generate_corpus(2000, 2), 0.1, config.window);
+  char_lm::TrainingOptions options;
+  options.eval_every = 0;
+  EXPECT_THROW(char_lm::train(model, corpus, options, [](const char_lm::Evaluation&) {}), std::invalid_argument);
+}
+
 INSTANTIATE_TEST_SUITE_P(Connections, CharLmTraining, ::testing::ValuesIn(all_connections),
                          [](const ::testing::TestParamInfo<mhc::Connection>& info) {
                            return std::string(mhc::to_string(info.param));

@@ -179,9 +179,9 @@ inline Settings parse_command_line(const std::vector<std::string>& arguments) {
   }
 
   for (mhc::Connection connection : settings.connections) {
-    if (connection == mhc::Connection::mhc_lite && settings.model.streams > mhc::detail::max_lite_streams) {
+    if (connection == mhc::Connection::mhc_lite && settings.model.streams > mhc::max_lite_streams) {
       throw UsageError("invalid value for --streams: mhc_lite accepts at most " +
-                       std::to_string(mhc::detail::max_lite_streams) + " streams, got " +
+                       std::to_string(mhc::max_lite_streams) + " streams, got " +
                        std::to_string(settings.model.streams));
     }
   }

@@ -144,6 +144,21 @@ inline Corpus split_corpus(const std::string& text, double validation_fraction, 
   return corpus;
 }
 
+namespace detail {
+
+// Returns the number of target positions [window, text.size()) in `text`, or throws
+// std::invalid_argument if there are none.
+inline std::size_t target_positions(const std::string& text, int window) {
+  if (window < 1 || text.size() <= static_cast<std::size_t>(window)) {
+    throw std::invalid_argument("char_lm: invalid text: expected more than " + std::to_string(window) +
+                                " bytes (the context window) and a window of at least 1, got " +
+                                std::to_string(text.size()) + " bytes");
+  }
+  return text.size() - static_cast<std::size_t>(window);
+}
+
+}  // namespace detail
+
 // Appends the task that predicts text[position] from the `window` bytes before it.
 inline void append_task(Batch& batch, const std::string& text, std::size_t position) {
   for (int j = 0; j < batch.window; ++j) {
@@ -159,7 +174,7 @@ inline Batch sample_batch(const std::string& text, int window, int sequences, in
   Batch batch;
   batch.window = window;
   const std::size_t first = static_cast<std::size_t>(window);
-  const std::size_t positions = text.size() - first;  // valid target positions [window, size)
+  const std::size_t positions = detail::target_positions(text, window);
   for (int s = 0; s < sequences; ++s) {
     const std::size_t start = generator() % positions;
     for (int i = 0; i < length; ++i) {
@@ -174,7 +189,7 @@ inline Batch sample_batch(const std::string& text, int window, int sequences, in
 inline std::vector<Batch> evaluation_batches(const std::string& text, int window, int sequences, int length,
                                              int count) {
   const std::size_t first = static_cast<std::size_t>(window);
-  const std::size_t positions = text.size() - first;
+  const std::size_t positions = detail::target_positions(text, window);
   const std::size_t runs = static_cast<std::size_t>(count) * static_cast<std::size_t>(sequences);
   std::vector<Batch> batches(static_cast<std::size_t>(count));
   for (std::size_t run = 0; run < runs; ++run) {

@@ -18,6 +18,7 @@
 #include <mhc/streams.hpp>
 #include <mhc/variants.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <random>
@@ -113,8 +114,8 @@ RowMatrix<Scalar> gaussian(Eigen::Index rows, Eigen::Index cols, double deviatio
 inline void check_config(const ModelConfig& config) {
   const auto require_positive = [](const char* name, int value) {
     if (value < 1) {
-      throw std::invalid_argument(std::string("invalid ") + name + ": expected at least 1, got " +
-                                  std::to_string(value));
+      throw std::invalid_argument(std::string("char_lm::initial_weights: invalid config.") + name +
+                                  ": expected at least 1, got " + std::to_string(value));
     }
   };
   require_positive("channels", config.channels);

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <functional>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -64,11 +65,32 @@ double evaluate(const Model<Scalar>& model, const std::vector<Batch>& batches, s
   return batches.empty() ? 0.0 : total / static_cast<double>(batches.size());
 }
 
+namespace detail {
+
+inline void check_training_options(const TrainingOptions& options) {
+  const auto require = [](bool valid, const char* name, const std::string& expected, double actual) {
+    if (!valid) {
+      throw std::invalid_argument(std::string("char_lm::train: invalid options.") + name + ": expected " + expected +
+                                  ", got " + mhc::detail::concat(actual));
+    }
+  };
+  require(options.steps >= 0, "steps", "at least 0", options.steps);
+  require(options.learning_rate > 0.0, "learning_rate", "a positive value", options.learning_rate);
+  require(options.warmup_steps >= 0, "warmup_steps", "at least 0", options.warmup_steps);
+  require(options.batch_sequences >= 1, "batch_sequences", "at least 1", options.batch_sequences);
+  require(options.sequence_length >= 1, "sequence_length", "at least 1", options.sequence_length);
+  require(options.eval_every >= 1, "eval_every", "at least 1", options.eval_every);
+  require(options.eval_batches >= 1, "eval_batches", "at least 1", options.eval_batches);
+}
+
+}  // namespace detail
+
 // Trains `model` on corpus.train for options.steps steps with AdamW and calls on_evaluation
 // before the first step, every options.eval_every steps and after the last step.
 template <typename Scalar>
 void train(Model<Scalar>& model, const Corpus& corpus, const TrainingOptions& options,
            const std::function<void(const Evaluation&)>& on_evaluation) {
+  detail::check_training_options(options);
   const int window = model.config().window;
   const std::vector<Batch> validation =
       evaluation_batches(corpus.validation, window, options.batch_sequences, options.sequence_length,
