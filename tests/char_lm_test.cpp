@@ -94,6 +94,32 @@ INSTANTIATE_TEST_SUITE_P(Connections, CharLmGradient, ::testing::ValuesIn(all_co
                            return std::string(mhc::to_string(info.param));
                          });
 
+// An empty batch has zero loss and zero gradient for every connection, and a batch with a
+// wrong context length is rejected.
+TEST(CharLmModel, EmptyBatchAndBadBatch) {
+  for (mhc::Connection connection : all_connections) {
+    ModelConfig config;
+    config.channels = 4;
+    config.layers = 2;
+    config.streams = 2;
+    config.window = 3;
+    config.connection = connection;
+    Model<double> model(config, 1);
+    Batch empty;
+    empty.window = 3;
+    const char_lm::Activations<double> activations = model.forward(empty);
+    EXPECT_EQ(activations.loss, 0.0) << mhc::to_string(connection);
+    Weights<double> gradient = model.backward(empty, activations);
+    EXPECT_EQ(char_lm::AdamW<double>::global_norm(gradient), 0.0) << mhc::to_string(connection);
+
+    Batch bad;
+    bad.window = 3;
+    bad.context = {'a', 'b'};
+    bad.targets = {'c'};
+    EXPECT_THROW(model.forward(bad), std::invalid_argument) << mhc::to_string(connection);
+  }
+}
+
 class CharLmTraining : public ::testing::TestWithParam<mhc::Connection> {};
 
 // A few dozen AdamW steps on the generated corpus lower the validation loss well below its

@@ -279,6 +279,15 @@ class Model {
   // Returns the gradient of the mean cross-entropy with respect to every weight, given the
   // activations of forward(batch).
   Weights<Scalar> backward(const Batch& batch, const Activations<Scalar>& activations) const {
+    check_batch(batch);
+    if (activations.layers.size() != weights_.layers.size() ||
+        activations.probabilities.rows() != static_cast<Eigen::Index>(batch.size())) {
+      throw std::invalid_argument("char_lm::Model::backward: invalid activations: expected those of forward(batch) "
+                                  "with " + std::to_string(weights_.layers.size()) + " layers and " +
+                                  std::to_string(batch.size()) + " tokens, got " +
+                                  std::to_string(activations.layers.size()) + " layers and " +
+                                  std::to_string(activations.probabilities.rows()) + " tokens");
+    }
     const int c = config_.channels;
     const int n = config_.effective_streams();
     const auto tokens = static_cast<Eigen::Index>(batch.size());
