@@ -9,11 +9,22 @@
 #include <cstdint>
 #include <limits>
 #include <random>
+#include <string>
+#include <type_traits>
 
 namespace mhc::test {
 
 // Storage types that every typed test runs over.
 using ScalarTypes = ::testing::Types<float, double>;
+
+// Names the typed instantiations "float" and "double". Passing it as the third argument of
+// TYPED_TEST_SUITE also keeps Clang's -Wgnu-zero-variadic-macro-arguments quiet.
+struct ScalarTypeNames {
+  template <typename Scalar>
+  static std::string GetName(int) {
+    return std::is_same<Scalar, float>::value ? "float" : "double";
+  }
+};
 
 // Machine epsilon of Scalar as a double.
 template <typename Scalar>

@@ -2,8 +2,10 @@
 #pragma once
 
 #include <mhc/common.hpp>
+#include <mhc/deepseek.hpp>
 #include <mhc/diagnostics.hpp>
 #include <mhc/layer.hpp>
 #include <mhc/layer_backward.hpp>
 #include <mhc/sinkhorn.hpp>
 #include <mhc/streams.hpp>
+#include <mhc/variants.hpp>
