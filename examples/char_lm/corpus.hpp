@@ -86,7 +86,7 @@ inline std::string generate_corpus(std::size_t bytes, std::uint32_t seed) {
   while (text.size() < bytes) {
     const bool plural_subject = generator() % 3 == 0;
     const bool question = generator() % 6 == 0;
-    // Verbs and nouns are listed in matching order, so one index picks both forms.
+    // verbs and plural_verbs list the two forms of each verb in the same order, so one index picks both.
     const std::size_t verb = generator() % verbs.size();
     if (question) {
       append_word(plural_subject ? "do" : "does");
