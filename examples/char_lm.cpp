@@ -111,6 +111,11 @@ int run(const char_lm::Settings& settings) {
   char_lm::Panel loss_panel{"Character model: loss per byte", "training step", "cross-entropy (nats per byte)",
                             "solid: validation; dashed: training, averaged over the steps since the previous point",
                             false, {}};
+  // The first evaluations (about 5.5 nats at step 0) would compress the differences between
+  // connections at the end, so this panel starts a quarter of the way into the run.
+  const int zoom_start = settings.training.steps / 4;
+  char_lm::Panel zoom_panel{"Validation loss from step " + std::to_string(zoom_start), "training step",
+                            "cross-entropy (nats per byte)", "same runs as above, validation only", false, {}};
   char_lm::Panel gain_panel{"Gradient gain through the stream mixing", "training step", "Amax gain (log scale)",
                             "largest over layers l of the max absolute column sum of H_res(L) ... H_res(l), "
                             "mean over validation tokens",
@@ -145,6 +150,11 @@ int run(const char_lm::Settings& settings) {
     });
     loss_panel.curves.push_back(validation_curve);
     loss_panel.curves.push_back(train_curve);
+    char_lm::Curve zoom_curve{name, curve_color(connection), false, {}};
+    for (const auto& point : validation_curve.points) {
+      if (point.first >= zoom_start) zoom_curve.points.push_back(point);
+    }
+    zoom_panel.curves.push_back(zoom_curve);
     gain_panel.curves.push_back(gain_curve);
 
     if (settings.sample_bytes > 0) {
@@ -159,7 +169,7 @@ int run(const char_lm::Settings& settings) {
   if (!settings.csv_path.empty()) std::cout << "\nwrote " << settings.csv_path << '\n';
   if (!settings.svg_path.empty()) {
     std::ofstream svg = open_output(settings.svg_path);
-    svg << char_lm::render_svg({loss_panel, gain_panel});
+    svg << char_lm::render_svg({loss_panel, zoom_panel, gain_panel});
     std::cout << "wrote " << settings.svg_path << '\n';
   }
   return 0;
