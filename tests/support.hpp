@@ -62,4 +62,38 @@ double central_difference(Function&& f, double step) {
   return (f(step) - f(-step)) / (2.0 * step);
 }
 
+// Two-layer perceptron h_out = tanh(h_in w1 + b1) w2 with its hand-written backward: a
+// nonlinear branch for the layer tests. Shapes: w1 C x H, b1 1 x H, w2 H x C.
+template <typename Scalar>
+struct TanhMlp {
+  RowMatrix<Scalar> w1;
+  RowVector<Scalar> b1;
+  RowMatrix<Scalar> w2;
+
+  // Weights of scale 1 / sqrt(fan-in), reproducible from `seed`.
+  static TanhMlp random(Eigen::Index channels, Eigen::Index hidden, std::uint32_t seed) {
+    TanhMlp mlp;
+    mlp.w1 = random_matrix<Scalar>(channels, hidden, seed, 1.0 / std::sqrt(double(channels)));
+    mlp.b1 = random_matrix<Scalar>(1, hidden, seed + 1, 0.5);
+    mlp.w2 = random_matrix<Scalar>(hidden, channels, seed + 2, 1.0 / std::sqrt(double(hidden)));
+    return mlp;
+  }
+
+  RowMatrix<Scalar> hidden_activations(const RowMatrix<Scalar>& input) const {
+    return ((input * w1).rowwise() + b1).array().tanh().matrix();
+  }
+
+  RowMatrix<Scalar> operator()(const RowMatrix<Scalar>& input) const {
+    return hidden_activations(input) * w2;
+  }
+
+  // Gradient of the input (T x C) given the input and the gradient of the output (T x C).
+  RowMatrix<Scalar> backward(const RowMatrix<Scalar>& input, const RowMatrix<Scalar>& grad_output) const {
+    const RowMatrix<Scalar> activations = hidden_activations(input);
+    const RowMatrix<Scalar> grad_hidden =
+        ((grad_output * w2.transpose()).array() * (Scalar(1) - activations.array().square())).matrix();
+    return grad_hidden * w1.transpose();
+  }
+};
+
 }  // namespace mhc::test

@@ -1,6 +1,7 @@
 // Umbrella header of the mhc library: Manifold-Constrained Hyper-Connections for Eigen models.
 #pragma once
 
+#include <mhc/backward.hpp>
 #include <mhc/common.hpp>
 #include <mhc/deepseek.hpp>
 #include <mhc/diagnostics.hpp>
