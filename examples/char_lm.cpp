@@ -111,7 +111,7 @@ int run(const char_lm::Settings& settings) {
   char_lm::Panel loss_panel{"Character model: loss per byte", "training step", "cross-entropy (nats per byte)",
                             "solid: validation; dashed: training, averaged over the steps since the previous point",
                             false, {}};
-  // The first evaluations (about 5.5 nats at step 0) would compress the differences between
+  // The first evaluations (about 6 nats at step 0) would compress the differences between
   // connections at the end, so this panel starts a quarter of the way into the run.
   const int zoom_start = settings.training.steps / 4;
   char_lm::Panel zoom_panel{"Validation loss from step " + std::to_string(zoom_start), "training step",

@@ -1,6 +1,5 @@
-// AdamW (Loshchilov and Hutter, arXiv 1711.05101): Adam with bias correction and weight decay
-// applied to the weights directly instead of through the gradient, plus optional clipping of
-// the global gradient norm.
+// AdamW: Adam with bias correction and decoupled weight decay, which shrinks the weights directly
+// instead of adding to the gradient, plus optional clipping of the global gradient norm.
 #pragma once
 
 #include "model.hpp"
@@ -15,8 +14,8 @@ struct AdamWOptions {
   double beta1 = 0.9;
   double beta2 = 0.95;
   double epsilon = 1e-8;
-  double weight_decay = 0.1;  // per step, multiplied by the learning rate; only tensors marked for decay
-  double clip_norm = 1.0;     // maximum global L2 norm of the gradient; 0 disables clipping
+  double weight_decay = 0.1;  // per step and times the learning rate, on tensors marked for decay only
+  double clip_norm = 1.0;     // maximum global L2 norm of the gradient, or 0 for no clipping
 };
 
 // AdamW state for one model: first and second moment of every weight, in for_each_tensor order.
@@ -59,7 +58,7 @@ class AdamW {
     return norm;
   }
 
-  // L2 norm of all gradient values together.
+  // Returns the L2 norm of all gradient values together.
   static double global_norm(Weights<Scalar>& gradient) {
     double sum = 0.0;
     for_each_tensor(gradient, [&](const std::string&, Scalar* data, Eigen::Index size, bool) {

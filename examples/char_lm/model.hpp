@@ -126,10 +126,10 @@ inline void check_config(const ModelConfig& config) {
 
 }  // namespace detail
 
-// Draws the initial weights from `seed`. Each matrix has deviation 1 / sqrt(fan-in), so
-// activations start near unit RMS, and the branch's down projection is further scaled by
-// 1 / sqrt(2 L) so the residual stream does not grow with depth. Every connection starts as
-// its rule's identity-like initialisation reading stream l mod n.
+// Draws the initial weights from `seed`. The embedding has deviation 1 and each projection
+// matrix 1 / sqrt(fan-in), so activations start near unit RMS. The branch's down projection is
+// further scaled by 1 / sqrt(2 L) so that the residual stream does not grow with depth. Every
+// connection starts as its rule's identity-like initialisation reading stream l mod n.
 template <typename Scalar>
 Weights<Scalar> initial_weights(const ModelConfig& config, std::uint32_t seed) {
   detail::check_config(config);
@@ -273,7 +273,7 @@ class Model {
     return activations;
   }
 
-  // Mean cross-entropy of the model on `batch`, in nats.
+  // Returns the mean cross-entropy of the model on `batch`, in nats.
   double loss(const Batch& batch) const { return forward(batch).loss; }
 
   // Returns the gradient of the mean cross-entropy with respect to every weight, given the
@@ -325,7 +325,7 @@ class Model {
     return gradient;
   }
 
-  // Per-layer mixing matrices H_res (each T x n*n) of a forward pass, for mhc::layer_gains.
+  // Returns the per-layer mixing matrices H_res (each T x n*n) of a forward pass, for mhc::layer_gains.
   static std::vector<RowMatrix<Scalar>> mixing_matrices(const Activations<Scalar>& activations) {
     std::vector<RowMatrix<Scalar>> matrices;
     for (const LayerActivations<Scalar>& layer : activations.layers) matrices.push_back(layer.coefficients.res);
@@ -390,7 +390,8 @@ class Model {
     return std::move(result.x);
   }
 
-  // Softmax of each row into `probabilities` and the mean of -log(probability of the target).
+  // Writes the softmax of each row into `probabilities` and returns the mean of
+  // -log(probability of the target).
   static double softmax_cross_entropy(const RowMatrix<Scalar>& logits, const std::vector<unsigned char>& targets,
                                       RowMatrix<Scalar>& probabilities) {
     probabilities.resize(logits.rows(), logits.cols());

@@ -54,7 +54,8 @@ inline std::string escape_xml(const std::string& text) {
   return escaped;
 }
 
-// Tick spacing of 1, 2 or 5 times a power of ten giving about `target` intervals over [low, high].
+// Returns a tick spacing of 1, 2 or 5 times a power of ten that gives about `target` intervals
+// over [low, high].
 inline double tick_spacing(double low, double high, int target) {
   const double raw = (high - low) / target;
   const double power = std::pow(10.0, std::floor(std::log10(raw)));
