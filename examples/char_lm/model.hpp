@@ -242,7 +242,8 @@ class Model {
   Weights<Scalar>& weights() { return weights_; }
   const Weights<Scalar>& weights() const { return weights_; }
 
-  // Runs the model on `batch` and returns the activations and the mean cross-entropy.
+  // Runs the model on `batch` and returns the activations and the mean cross-entropy. An empty
+  // batch has loss 0 and no layer activations.
   Activations<Scalar> forward(const Batch& batch) const {
     check_batch(batch);
     const int c = config_.channels;
@@ -250,6 +251,10 @@ class Model {
     const auto tokens = static_cast<Eigen::Index>(batch.size());
 
     Activations<Scalar> activations;
+    // NOTE: an empty batch skips the layers because, with zero rows, Eigen 3.4's vectorised column
+    // blocks offset a null data pointer, which UndefinedBehaviorSanitizer rejects. It does so in
+    // mhc::expand_streams and in the column sums of the static-HC backward.
+    if (tokens == 0) return activations;
     activations.context.resize(tokens, Eigen::Index(config_.window) * c);
     for (Eigen::Index t = 0; t < tokens; ++t) {
       for (int j = 0; j < config_.window; ++j) {
@@ -277,9 +282,10 @@ class Model {
   double loss(const Batch& batch) const { return forward(batch).loss; }
 
   // Returns the gradient of the mean cross-entropy with respect to every weight, given the
-  // activations of forward(batch).
+  // activations of forward(batch). An empty batch gives a zero gradient.
   Weights<Scalar> backward(const Batch& batch, const Activations<Scalar>& activations) const {
     check_batch(batch);
+    if (batch.size() == 0) return zeros_like(weights_);
     if (activations.layers.size() != weights_.layers.size() ||
         activations.probabilities.rows() != static_cast<Eigen::Index>(batch.size())) {
       throw std::invalid_argument("char_lm::Model::backward: invalid activations: expected those of forward(batch) "
@@ -296,7 +302,7 @@ class Model {
     // d loss / d logits = (softmax - one_hot(target)) / T.
     RowMatrix<Scalar> grad_logits = activations.probabilities;
     for (Eigen::Index t = 0; t < tokens; ++t) grad_logits(t, batch.targets[static_cast<std::size_t>(t)]) -= Scalar(1);
-    grad_logits /= Scalar(std::max<Eigen::Index>(tokens, 1));
+    grad_logits /= Scalar(tokens);
 
     const RowMatrix<Scalar> final_output = activations.final_normalized * weights_.final_gain.asDiagonal();
     gradient.output.noalias() = final_output.transpose() * grad_logits;
