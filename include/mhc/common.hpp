@@ -67,6 +67,15 @@ std::string concat(const Parts&... parts) {
                               ", got " + actual);
 }
 
+// Column sums of a T x K matrix: the sum over tokens of per-token values. Returns zeros when
+// T = 0 without forming column blocks, because Eigen offsets the null data pointer of an empty
+// matrix for each block, which UndefinedBehaviorSanitizer rejects.
+template <typename Derived>
+RowVector<typename Derived::Scalar> column_sums(const Eigen::MatrixBase<Derived>& matrix) {
+  if (matrix.rows() == 0) return RowVector<typename Derived::Scalar>::Zero(matrix.cols());
+  return matrix.colwise().sum();
+}
+
 // Formats a matrix shape as "R x C".
 inline std::string shape_string(Eigen::Index rows, Eigen::Index cols) {
   return concat(rows, " x ", cols);

@@ -16,6 +16,8 @@ RowMatrix<typename Derived::Scalar> expand_streams(const Eigen::MatrixBase<Deriv
   detail::check_positive("mhc::expand_streams", "streams", streams);
   const Eigen::Index channels = embedding.cols();
   RowMatrix<typename Derived::Scalar> state(embedding.rows(), streams * channels);
+  // Column blocks of an empty matrix would offset a null pointer, so T = 0 returns here.
+  if (embedding.rows() == 0) return state;
   for (int i = 0; i < streams; ++i) state.middleCols(i * channels, channels) = embedding;
   return state;
 }
@@ -27,6 +29,7 @@ RowMatrix<typename Derived::Scalar> reduce_streams(const Eigen::MatrixBase<Deriv
   detail::check_positive(function, "streams", streams);
   detail::check_width_multiple(function, "state", state, streams);
   const Eigen::Index channels = state.cols() / streams;
+  if (state.rows() == 0) return RowMatrix<typename Derived::Scalar>(0, channels);
   RowMatrix<typename Derived::Scalar> sum = state.leftCols(channels);
   for (int i = 1; i < streams; ++i) sum += state.middleCols(i * channels, channels);
   return sum;

@@ -377,9 +377,9 @@ CoefficientsBackward<StaticParameters<Scalar>> compute_coefficients_backward(
   result.x.setZero(x.rows(), x.cols());
   result.parameters.streams = n;
   result.parameters.channels = parameters.channels;
-  result.parameters.pre = grad_coefficients.pre.colwise().sum();
-  result.parameters.post = grad_coefficients.post.colwise().sum();
-  const RowVector<Scalar> res_sum = grad_coefficients.res.colwise().sum();
+  result.parameters.pre = detail::column_sums(grad_coefficients.pre);
+  result.parameters.post = detail::column_sums(grad_coefficients.post);
+  const RowVector<Scalar> res_sum = detail::column_sums(grad_coefficients.res);
   result.parameters.res = Eigen::Map<const RowMatrix<Scalar>>(res_sum.data(), n, n);
   return result;
 }
@@ -418,8 +418,8 @@ CoefficientsBackward<DynamicParameters<Scalar>> compute_coefficients_backward(
   DynamicParameters<Scalar>& gradient = result.parameters;
   gradient.streams = n;
   gradient.channels = channels;
-  gradient.static_pre = grad_coefficients.pre.colwise().sum();
-  gradient.static_post = grad_coefficients.post.colwise().sum();
+  gradient.static_pre = detail::column_sums(grad_coefficients.pre);
+  gradient.static_post = detail::column_sums(grad_coefficients.post);
   gradient.static_res.setZero(n, n);
   for (Eigen::Index t = 0; t < x.rows(); ++t) gradient.static_res += grad_a_r.middleRows(t * n, n);
   gradient.alpha_scale = (grad_pre.array() * pre_tanh.array()).sum() + (grad_a_r.array() * res_tanh.array()).sum();
