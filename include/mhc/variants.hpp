@@ -534,8 +534,8 @@ CoefficientsBackward<LiteParameters<Scalar>> compute_coefficients_backward(
 
 namespace detail {
 
-// Validate the arguments that every backward entry point of HyperConnection takes: the rule's
-// parameters, the options and a state x of n * C columns. Only the mHC rule runs Sinkhorn, so
+// Throws unless the arguments that every backward entry point of HyperConnection takes are valid:
+// the rule's parameters, the options and a state x of n * C columns. Only the mHC rule runs Sinkhorn, so
 // only it also requires options.sinkhorn.iterations >= 0.
 template <typename Scalar, typename Derived>
 void check_rule_inputs(const char* function, const ResidualParameters<Scalar>& parameters,
@@ -579,7 +579,7 @@ void check_rule_inputs(const char* function, const LiteParameters<Scalar>& param
 
 // One block's residual connection under any of the rules above. Connection chooses the rule at
 // creation. Every method computes that rule's coefficients and then runs the shared aggregation
-// and merge of layer.hpp.
+// and merge of layer.hpp, or their backward.
 template <typename Scalar>
 class HyperConnection {
  public:
@@ -723,7 +723,7 @@ class HyperConnection {
 
   // Computes the backward of forward(x, branch, options) in one call, given grad_x_next (T x n*C).
   // Recomputes the coefficients and h_in, and reruns `branch` to get h_out, so `branch` must be
-  // deterministic. branch_backward(h_in, grad_h_out) returns grad_h_in; both arguments are
+  // deterministic. branch_backward(h_in, grad_h_out) returns grad_h_in, and both arguments are
   // const RowMatrix<Scalar>& of T x C. A branch output or gradient of another shape throws. The
   // result equals merge_backward() followed by prepare_branch_backward().
   template <typename Branch, typename BranchBackward>
