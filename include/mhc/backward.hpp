@@ -28,6 +28,7 @@
 
 #include <mhc/common.hpp>
 #include <mhc/detail/backward_checks.hpp>
+#include <mhc/detail/backward_steps.hpp>
 #include <mhc/detail/layer_checks.hpp>
 #include <mhc/layer.hpp>
 #include <mhc/layer_backward.hpp>
@@ -44,16 +45,6 @@ struct LayerGradients {
   // Gradients of phi, bias and the three alphas, in the fields of the same name. The fields
   // streams and channels are copied from the layer.
   Parameters<Scalar> parameters;
-};
-
-// Result of merge_backward(): the coefficients the merge used and its gradients.
-template <typename Scalar>
-struct MergeBackward {
-  Coefficients<Scalar> coefficients;  // H_pre, H_post, H_res of every token (recomputed or kept)
-  // gradients.x is the merge's share of the gradient of x (H_res^T dx_next per token).
-  // gradients.branch_output is the gradient of h_out, the input of the branch's backward.
-  // gradients.post and gradients.res are the gradients of H_post and H_res.
-  MergeGradients<Scalar> gradients;
 };
 
 namespace detail {
@@ -83,17 +74,6 @@ void token_logit_gradient(const Parameters<Scalar>& parameters, const Projection
   const Eigen::Map<const RowMatrix<Scalar>> grad_mixing(grad.res.row(t).data(), n, n);
   const RowMatrix<Scalar> grad_res_logits = sinkhorn_knopp_backward(logits, grad_mixing, sinkhorn);
   grad_logits.segment(2 * n, n * n) = Eigen::Map<const RowVector<Scalar>>(grad_res_logits.data(), n * n);
-}
-
-// Throws unless `merged` matches T = x.rows() tokens of the layer's n streams and C channels.
-template <typename Scalar>
-void check_merge_backward(const char* function, const Parameters<Scalar>& parameters,
-                          const MergeBackward<Scalar>& merged, Eigen::Index tokens) {
-  const int n = parameters.streams;
-  check_coefficients_shape(function, "merged.coefficients", merged.coefficients, tokens, n);
-  check_shape(function, "merged.gradients.x", merged.gradients.x, tokens, Eigen::Index(n) * parameters.channels);
-  check_shape(function, "merged.gradients.post", merged.gradients.post, tokens, n);
-  check_shape(function, "merged.gradients.res", merged.gradients.res, tokens, Eigen::Index(n) * n);
 }
 
 }  // namespace detail
@@ -188,14 +168,7 @@ MergeBackward<Scalar> merge_backward(const Parameters<Scalar>& parameters,
                                      const Options& options = {}) {
   const char* function = "mhc::merge_backward";
   detail::check_backward_inputs(function, parameters, x, options);
-  detail::check_coefficients_shape(function, "coefficients", coefficients, x.rows(), parameters.streams);
-  detail::check_shape(function, "branch_output", branch_output, x.rows(), parameters.channels);
-  detail::check_shape(function, "grad_x_next", grad_x_next, x.rows(), x.cols());
-
-  MergeBackward<Scalar> result;
-  result.coefficients = std::move(coefficients);
-  result.gradients = merge_streams_backward(result.coefficients, x, branch_output, grad_x_next);
-  return result;
+  return detail::merge_backward_step(function, parameters, x, std::move(coefficients), branch_output, grad_x_next);
 }
 
 // Computes the first half of the layer's backward like the overload above, but recomputes the
@@ -225,23 +198,12 @@ LayerGradients<Scalar> prepare_branch_backward(const Parameters<Scalar>& paramet
                                                const Options& options = {}) {
   const char* function = "mhc::prepare_branch_backward";
   detail::check_backward_inputs(function, parameters, x, options);
-  detail::check_merge_backward(function, parameters, merged, x.rows());
-  detail::check_shape(function, "grad_branch_input", grad_branch_input, x.rows(), parameters.channels);
-
-  AggregateGradients<Scalar> aggregated = aggregate_streams_backward(merged.coefficients, x, grad_branch_input);
-
-  Coefficients<Scalar> grad_coefficients;
-  grad_coefficients.pre = std::move(aggregated.pre);
-  grad_coefficients.post = merged.gradients.post;
-  grad_coefficients.res = merged.gradients.res;
-  CoefficientsBackward<Parameters<Scalar>> through_coefficients =
-      compute_coefficients_backward(parameters, x, grad_coefficients, options);
+  CoefficientsBackward<Parameters<Scalar>> steps =
+      detail::prepare_branch_backward_step(function, parameters, x, merged, grad_branch_input, options);
 
   LayerGradients<Scalar> result;
-  result.x = merged.gradients.x;
-  result.x += aggregated.x;
-  result.x += through_coefficients.x;
-  result.parameters = std::move(through_coefficients.parameters);
+  result.x = std::move(steps.x);
+  result.parameters = std::move(steps.parameters);
   return result;
 }
 
@@ -260,19 +222,14 @@ LayerGradients<Scalar> backward(const Parameters<Scalar>& parameters, const Cons
                                 BranchBackward&& branch_backward, const Options& options = {}) {
   const char* function = "mhc::backward";
   detail::check_backward_inputs(function, parameters, x, options);
-  detail::check_shape(function, "grad_x_next", grad_x_next, x.rows(), x.cols());
+  CoefficientsBackward<Parameters<Scalar>> steps =
+      detail::backward_steps(function, parameters, x, grad_x_next, std::forward<Branch>(branch),
+                             std::forward<BranchBackward>(branch_backward), options);
 
-  BranchInput<Scalar> prepared = prepare_branch(parameters, x, options);
-  const RowMatrix<Scalar> branch_output = std::forward<Branch>(branch)(prepared.input);
-  detail::check_shape(function, "branch output", branch_output, x.rows(), parameters.channels);
-
-  const MergeBackward<Scalar> merged =
-      merge_backward(parameters, x, std::move(prepared.coefficients), branch_output, grad_x_next, options);
-  const RowMatrix<Scalar> grad_branch_input =
-      std::forward<BranchBackward>(branch_backward)(prepared.input, merged.gradients.branch_output);
-  detail::check_shape(function, "branch_backward output", grad_branch_input, x.rows(), parameters.channels);
-
-  return prepare_branch_backward(parameters, x, merged, grad_branch_input, options);
+  LayerGradients<Scalar> result;
+  result.x = std::move(steps.x);
+  result.parameters = std::move(steps.parameters);
+  return result;
 }
 
 }  // namespace mhc

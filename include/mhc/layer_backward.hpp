@@ -16,6 +16,17 @@ struct MergeGradients {
   RowMatrix<Scalar> res;            // T x (n*n): entry (i, j) is <dx_next[stream i], x[stream j]>
 };
 
+// Result of merge_backward() (backward.hpp) and HyperConnection::merge_backward() (variants.hpp):
+// the coefficients the merge used and its gradients.
+template <typename Scalar>
+struct MergeBackward {
+  Coefficients<Scalar> coefficients;  // H_pre, H_post, H_res of every token (recomputed or kept)
+  // gradients.x is the merge's share of the gradient of x (H_res^T dx_next per token).
+  // gradients.branch_output is the gradient of h_out, the input of the branch's backward.
+  // gradients.post and gradients.res are the gradients of H_post and H_res.
+  MergeGradients<Scalar> gradients;
+};
+
 // Gradients from the aggregation h_in = H_pre x.
 template <typename Scalar>
 struct AggregateGradients {

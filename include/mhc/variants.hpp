@@ -3,7 +3,9 @@
 // Every rule only decides how the per-token coefficients H_pre (T x n), H_post (T x n) and H_res
 // (T x n*n, row-major, H_res[i][j] weights input stream j into output stream i) are computed.
 // Aggregation (h_in = H_pre x) and the merge (x_next = H_res x + H_post^T h_out) are shared and
-// live in layer.hpp. The rules, selected by Connection:
+// live in layer.hpp. So does the backward: HyperConnection runs the merge, aggregation and
+// coefficient steps of detail/backward_steps.hpp that the mHC free functions of backward.hpp run
+// too, and only compute_coefficients_backward() differs by rule. The rules, selected by Connection:
 //   residual    n = 1, H_pre = H_post = H_res = 1: x_next = x + F(x) exactly.
 //   static_hc   constant, learned, unconstrained H_pre, H_post, H_res.
 //   dynamic_hc  Hyper-Connections (Zhu et al., arXiv 2409.19606): token-dependent tanh terms added
@@ -13,7 +15,9 @@
 //               n! permutation matrices, so it is doubly stochastic up to rounding.
 #pragma once
 
+#include <mhc/backward.hpp>
 #include <mhc/common.hpp>
+#include <mhc/detail/backward_steps.hpp>
 #include <mhc/detail/layer_checks.hpp>
 #include <mhc/detail/variants_checks.hpp>
 #include <mhc/layer.hpp>
@@ -528,9 +532,54 @@ CoefficientsBackward<LiteParameters<Scalar>> compute_coefficients_backward(
   return result;
 }
 
+namespace detail {
+
+// Throws unless the arguments that every backward entry point of HyperConnection takes are valid:
+// the rule's parameters, the options and a state x of n * C columns. Only the mHC rule runs Sinkhorn, so
+// only it also requires options.sinkhorn.iterations >= 0.
+template <typename Scalar, typename Derived>
+void check_rule_inputs(const char* function, const ResidualParameters<Scalar>& parameters,
+                       const Eigen::DenseBase<Derived>& x, const Options& options) {
+  check_residual_parameters(function, parameters);
+  check_options(function, options);
+  check_state(function, "x", x, 1, parameters.channels);
+}
+
+template <typename Scalar, typename Derived>
+void check_rule_inputs(const char* function, const StaticParameters<Scalar>& parameters,
+                       const Eigen::DenseBase<Derived>& x, const Options& options) {
+  check_static_parameters(function, parameters);
+  check_options(function, options);
+  check_state(function, "x", x, parameters.streams, parameters.channels);
+}
+
+template <typename Scalar, typename Derived>
+void check_rule_inputs(const char* function, const DynamicParameters<Scalar>& parameters,
+                       const Eigen::DenseBase<Derived>& x, const Options& options) {
+  check_dynamic_parameters(function, parameters);
+  check_options(function, options);
+  check_state(function, "x", x, parameters.streams, parameters.channels);
+}
+
+template <typename Scalar, typename Derived>
+void check_rule_inputs(const char* function, const Parameters<Scalar>& parameters,
+                       const Eigen::DenseBase<Derived>& x, const Options& options) {
+  check_backward_inputs(function, parameters, x, options);
+}
+
+template <typename Scalar, typename Derived>
+void check_rule_inputs(const char* function, const LiteParameters<Scalar>& parameters,
+                       const Eigen::DenseBase<Derived>& x, const Options& options) {
+  check_lite_parameters(function, parameters);
+  check_options(function, options);
+  check_state(function, "x", x, parameters.streams, parameters.channels);
+}
+
+}  // namespace detail
+
 // One block's residual connection under any of the rules above. Connection chooses the rule at
 // creation. Every method computes that rule's coefficients and then runs the shared aggregation
-// and merge of layer.hpp.
+// and merge of layer.hpp, or their backward.
 template <typename Scalar>
 class HyperConnection {
  public:
@@ -610,7 +659,96 @@ class HyperConnection {
     return merge(prepared.coefficients, x, branch_output);
   }
 
+  // Gradients of one block: `x` is the total gradient of the state (T x n*C) and `parameters`
+  // holds the gradient of every learned value in the fields of the block's own rule, so it holds
+  // the same alternative as parameters(). The fields streams and channels are copied from the
+  // block, and the residual rule, which learns nothing, returns a copy of its parameters.
+  struct Gradients {
+    RowMatrix<Scalar> x;
+    Rule parameters;
+  };
+
+  // Computes the first half of the backward, given branch_output (h_out, T x C) from the forward
+  // and grad_x_next (T x n*C): the merge's gradients of x, h_out, H_post and H_res, together with
+  // the coefficients it used. This overload takes the coefficients kept from the forward (for
+  // example prepare_branch(x).coefficients) and stores them in the result. Gradients are bitwise
+  // those of the recomputing overload when the kept coefficients came from this block, x and
+  // options.
+  MergeBackward<Scalar> merge_backward(const ConstRowMatrixRef<Scalar>& x, Coefficients<Scalar> coefficients,
+                                       const ConstRowMatrixRef<Scalar>& branch_output,
+                                       const ConstRowMatrixRef<Scalar>& grad_x_next,
+                                       const Options& options = {}) const {
+    const char* function = "mhc::HyperConnection::merge_backward";
+    return std::visit(
+        [&](const auto& parameters) {
+          detail::check_rule_inputs(function, parameters, x, options);
+          return detail::merge_backward_step(function, parameters, x, std::move(coefficients), branch_output,
+                                             grad_x_next);
+        },
+        parameters_);
+  }
+
+  // Computes the first half of the backward like the overload above, but recomputes the
+  // coefficients from x, so nothing from the forward but h_out needs to be stored.
+  MergeBackward<Scalar> merge_backward(const ConstRowMatrixRef<Scalar>& x,
+                                       const ConstRowMatrixRef<Scalar>& branch_output,
+                                       const ConstRowMatrixRef<Scalar>& grad_x_next,
+                                       const Options& options = {}) const {
+    const char* function = "mhc::HyperConnection::merge_backward";
+    return std::visit(
+        [&](const auto& parameters) {
+          detail::check_rule_inputs(function, parameters, x, options);
+          return detail::merge_backward_step(function, parameters, x, mhc::compute_coefficients(parameters, x, options),
+                                             branch_output, grad_x_next);
+        },
+        parameters_);
+  }
+
+  // Computes the second half of the backward, given the result of merge_backward() and
+  // grad_branch_input (the gradient of h_in, T x C, from the branch's backward). Returns the total
+  // gradient of x (merge + aggregation + coefficients, added in that order) and the parameter
+  // gradients.
+  Gradients prepare_branch_backward(const ConstRowMatrixRef<Scalar>& x, const MergeBackward<Scalar>& merged,
+                                    const ConstRowMatrixRef<Scalar>& grad_branch_input,
+                                    const Options& options = {}) const {
+    const char* function = "mhc::HyperConnection::prepare_branch_backward";
+    return std::visit(
+        [&](const auto& parameters) {
+          detail::check_rule_inputs(function, parameters, x, options);
+          return to_gradients(
+              detail::prepare_branch_backward_step(function, parameters, x, merged, grad_branch_input, options));
+        },
+        parameters_);
+  }
+
+  // Computes the backward of forward(x, branch, options) in one call, given grad_x_next (T x n*C).
+  // Recomputes the coefficients and h_in, and reruns `branch` to get h_out, so `branch` must be
+  // deterministic. branch_backward(h_in, grad_h_out) returns grad_h_in, and both arguments are
+  // const RowMatrix<Scalar>& of T x C. A branch output or gradient of another shape throws. The
+  // result equals merge_backward() followed by prepare_branch_backward().
+  template <typename Branch, typename BranchBackward>
+  Gradients backward(const ConstRowMatrixRef<Scalar>& x, const ConstRowMatrixRef<Scalar>& grad_x_next,
+                     Branch&& branch, BranchBackward&& branch_backward, const Options& options = {}) const {
+    const char* function = "mhc::HyperConnection::backward";
+    return std::visit(
+        [&](const auto& parameters) {
+          detail::check_rule_inputs(function, parameters, x, options);
+          return to_gradients(detail::backward_steps(function, parameters, x, grad_x_next,
+                                                     std::forward<Branch>(branch),
+                                                     std::forward<BranchBackward>(branch_backward), options));
+        },
+        parameters_);
+  }
+
  private:
+  template <typename ParametersType>
+  static Gradients to_gradients(CoefficientsBackward<ParametersType> steps) {
+    Gradients gradients;
+    gradients.x = std::move(steps.x);
+    gradients.parameters = std::move(steps.parameters);
+    return gradients;
+  }
+
   Rule parameters_;
 };
 
