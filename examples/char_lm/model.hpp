@@ -251,9 +251,8 @@ class Model {
     const auto tokens = static_cast<Eigen::Index>(batch.size());
 
     Activations<Scalar> activations;
-    // NOTE: an empty batch skips the layers because, with zero rows, Eigen 3.4's vectorised column
-    // blocks offset a null data pointer, which UndefinedBehaviorSanitizer rejects. It does so in
-    // mhc::expand_streams and in the column sums of the static-HC backward.
+    // An empty batch returns here: column blocks of the model's empty matrices would offset
+    // their null data pointers, which UndefinedBehaviorSanitizer rejects.
     if (tokens == 0) return activations;
     activations.context.resize(tokens, Eigen::Index(config_.window) * c);
     for (Eigen::Index t = 0; t < tokens; ++t) {
