@@ -138,6 +138,7 @@ Coefficients<Scalar> compute_deepseek_coefficients(const DeepSeekParameters<Scal
   detail::check_deepseek_parameters(function, parameters);
   detail::check_deepseek_options(function, options);
   detail::check_state(function, "x", x, parameters.streams, parameters.channels);
+  detail::check_finite_values(function, "x", x);
 
   const int n = parameters.streams;
   RowMatrix<Scalar> projections;  // T x n(n+2), one mix per row of fn

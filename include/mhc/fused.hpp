@@ -157,6 +157,10 @@ inline void check_sinkhorn_options(const char* function, const SinkhornOptions& 
     mhc::detail::throw_invalid_argument(function, "options.sinkhorn.tolerance", "a finite value >= 0",
                                         mhc::detail::concat(options.tolerance));
   }
+  if (options.method != SinkhornMethod::linear && options.method != SinkhornMethod::log_domain) {
+    mhc::detail::throw_invalid_argument(function, "options.sinkhorn.method", "SinkhornMethod::linear or log_domain",
+                                        mhc::detail::concat(static_cast<int>(options.method)));
+  }
 }
 
 // Calls body(std::integral_constant<int, N>) with N = streams for the stream counts that have a
@@ -398,6 +402,8 @@ void prepare_branch(const Parameters<Scalar>& parameters, const ConstRowMatrixRe
   mhc::detail::check_options(function, options);
   detail::check_sinkhorn_options(function, options.sinkhorn);
   mhc::detail::check_state(function, "x", x, parameters.streams, parameters.channels);
+  // NOTE: x is not scanned for NaN or infinity here, which would cost a second pass over it.
+  // Non-finite x gives non-finite coefficients, where the reference compute_coefficients throws.
   mhc::detail::check_shape(function, "branch_input", branch_input, x.rows(), parameters.channels);
   detail::check_no_overlap(function, "branch_input", "x", branch_input, x);
 

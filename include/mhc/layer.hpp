@@ -13,6 +13,7 @@
 #include <mhc/detail/layer_checks.hpp>
 #include <mhc/sinkhorn.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 #include <utility>
@@ -68,6 +69,7 @@ Parameters<Scalar> Parameters<Scalar>::identity(int streams, int channels, int l
   if (streams < 1) detail::throw_invalid_argument(function, "streams", "at least 1", detail::concat(streams));
   if (channels < 1) detail::throw_invalid_argument(function, "channels", "at least 1", detail::concat(channels));
   if (layer_index < 0) detail::throw_invalid_argument(function, "layer_index", "at least 0", detail::concat(layer_index));
+  detail::check_layer_size(function, streams, channels);
 
   Parameters parameters;
   parameters.streams = streams;
@@ -90,17 +92,35 @@ Scalar sigmoid(Scalar z) {
   return Scalar(1) / (Scalar(1) + std::exp(-z));
 }
 
-// 1 / r for one token row, r = sqrt(mean(row^2) + epsilon), accumulated in at least float.
+// 1 / r for one token row of finite values, r = sqrt(mean(row^2) + epsilon). Squares of float
+// values cannot overflow a double, so float and narrower types accumulate in double. Double rows
+// whose squares overflow (entries above about 1e154) are divided by their largest magnitude first.
 template <typename Scalar, typename Row>
 Scalar inverse_rms(const Row& row, double rms_epsilon) {
-  using Accumulator = std::conditional_t<(sizeof(Scalar) < sizeof(float)), float, Scalar>;
+  using Accumulator = std::conditional_t<(sizeof(Scalar) < sizeof(double)), double, Scalar>;
+  const Accumulator count = static_cast<Accumulator>(row.size());
+  const Accumulator epsilon = static_cast<Accumulator>(rms_epsilon);
   Accumulator sum_of_squares(0);
   for (Eigen::Index k = 0; k < row.size(); ++k) {
     const Accumulator value = static_cast<Accumulator>(row(k));
     sum_of_squares += value * value;
   }
-  const Accumulator mean = sum_of_squares / static_cast<Accumulator>(row.size());
-  return static_cast<Scalar>(Accumulator(1) / std::sqrt(mean + static_cast<Accumulator>(rms_epsilon)));
+  if (std::isfinite(static_cast<double>(sum_of_squares))) {
+    return static_cast<Scalar>(Accumulator(1) / std::sqrt(sum_of_squares / count + epsilon));
+  }
+
+  Accumulator scale(0);
+  for (Eigen::Index k = 0; k < row.size(); ++k) {
+    scale = std::max(scale, static_cast<Accumulator>(std::abs(static_cast<Accumulator>(row(k)))));
+  }
+  Accumulator scaled_squares(0);
+  for (Eigen::Index k = 0; k < row.size(); ++k) {
+    const Accumulator value = static_cast<Accumulator>(row(k)) / scale;
+    scaled_squares += value * value;
+  }
+  // r = scale * sqrt(scaled mean + epsilon / scale^2), with scale^2 never formed.
+  const Accumulator epsilon_term = epsilon / scale / scale;
+  return static_cast<Scalar>(Accumulator(1) / scale / std::sqrt(scaled_squares / count + epsilon_term));
 }
 
 // n x C view of one token's streams, stream i in row i; `row` points at the token's n*C values.
@@ -132,6 +152,7 @@ Coefficients<Scalar> compute_coefficients(const Parameters<Scalar>& parameters,
   detail::check_parameters(function, parameters);
   detail::check_options(function, options);
   detail::check_state(function, "x", x, parameters.streams, parameters.channels);
+  detail::check_finite_values(function, "x", x);
 
   const int n = parameters.streams;
   const Eigen::Index tokens = x.rows();

@@ -285,6 +285,7 @@ Coefficients<Scalar> compute_coefficients(const DynamicParameters<Scalar>& param
   detail::check_dynamic_parameters(function, parameters);
   detail::check_options(function, options);
   detail::check_state(function, "x", x, parameters.streams, parameters.channels);
+  detail::check_finite_values(function, "x", x);
 
   const int n = parameters.streams;
   Eigen::Matrix<Scalar, Eigen::Dynamic, 1> inverse_norms;
@@ -318,6 +319,7 @@ Coefficients<Scalar> compute_coefficients(const LiteParameters<Scalar>& paramete
   detail::check_lite_parameters(function, parameters);
   detail::check_options(function, options);
   detail::check_state(function, "x", x, parameters.streams, parameters.channels);
+  detail::check_finite_values(function, "x", x);
 
   const int n = parameters.streams;
   const int permutations = detail::factorial(n);

@@ -545,6 +545,8 @@ template <int N, typename Acc>
 void token_coefficients(const Acc* projection, Acc squares, int streams, const CoefficientRule<Acc>& rule,
                         Acc* pre, Acc* post, Acc* res) {
   const int n = stream_count<N>(streams);
+  // NOTE: `squares` accumulates in Acc, so float rows with entries above about 1e18 overflow
+  // here, where the reference inverse_rms accumulates in double and rescales.
   const Acc inverse_r =
       Acc(1) / std::sqrt(squares / static_cast<Acc>(rule.width) + rule.rms_epsilon);
   const Acc pre_scale = rule.alpha_pre * inverse_r;

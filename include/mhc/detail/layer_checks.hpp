@@ -35,6 +35,16 @@ void check_width_multiple(const char* function, const char* argument,
   }
 }
 
+// Throws unless n*C and n*n + 2n fit in an int, the index type of the layer's loops.
+inline void check_layer_size(const char* function, long long streams, long long channels) {
+  const long long limit = 2147483647LL;
+  if (streams * channels > limit || streams * streams + 2 * streams > limit) {
+    throw_invalid_argument(function, "streams and channels",
+                           "streams * channels and streams * streams + 2 * streams at most 2147483647",
+                           concat("streams ", streams, " and channels ", channels));
+  }
+}
+
 template <typename Scalar>
 void check_finite_scalar(const char* function, const char* argument, Scalar value) {
   if (!std::isfinite(static_cast<double>(value))) {
@@ -42,12 +52,26 @@ void check_finite_scalar(const char* function, const char* argument, Scalar valu
   }
 }
 
-// Throws unless the parameters are self-consistent: n >= 1, C >= 1, phi (n*C) x (n*n + 2n),
-// bias of n*n + 2n entries, finite alphas.
+// Throws unless every entry of `matrix` is finite, naming the first one that is not.
+template <typename Derived>
+void check_finite_values(const char* function, const char* argument, const Eigen::DenseBase<Derived>& matrix) {
+  for (Eigen::Index row = 0; row < matrix.rows(); ++row) {
+    for (Eigen::Index col = 0; col < matrix.cols(); ++col) {
+      const double value = static_cast<double>(matrix(row, col));
+      if (!std::isfinite(value)) {
+        throw_invalid_argument(function, argument, "finite entries", concat(value, " at (", row, ", ", col, ")"));
+      }
+    }
+  }
+}
+
+// Throws unless the parameters are self-consistent: n >= 1, C >= 1, n*C and n*n + 2n within
+// int, phi (n*C) x (n*n + 2n), bias of n*n + 2n entries, finite phi, bias and alphas.
 template <typename ParametersType>
 void check_parameters(const char* function, const ParametersType& parameters) {
   check_positive(function, "parameters.streams", parameters.streams);
   check_positive(function, "parameters.channels", parameters.channels);
+  check_layer_size(function, parameters.streams, parameters.channels);
   const Eigen::Index rows = Eigen::Index(parameters.streams) * parameters.channels;
   const Eigen::Index cols = parameters.coefficient_count();
   check_shape(function, "parameters.phi", parameters.phi, rows, cols);
@@ -56,6 +80,8 @@ void check_parameters(const char* function, const ParametersType& parameters) {
                            concat(cols, " entries (streams * streams + 2 * streams)"),
                            concat(parameters.bias.size(), " entries"));
   }
+  check_finite_values(function, "parameters.phi", parameters.phi);
+  check_finite_values(function, "parameters.bias", parameters.bias);
   check_finite_scalar(function, "parameters.alpha_pre", parameters.alpha_pre);
   check_finite_scalar(function, "parameters.alpha_post", parameters.alpha_post);
   check_finite_scalar(function, "parameters.alpha_res", parameters.alpha_res);
