@@ -1,6 +1,6 @@
 // Benchmarks of one mHC layer on the CPU: fused kernels, reference kernels, and the layer around
-// an MLP branch against a plain residual connection. "backward" covers the merge and aggregation
-// backward only: the gradient through the coefficients (Sinkhorn-Knopp, phi) is not included.
+// an MLP branch against a plain residual connection. "backward" is the layer's full backward:
+// the merge, the aggregation and the coefficients (sigmoid, Sinkhorn-Knopp, RMS scale, phi).
 //
 // For n up to about 8 the layer is bandwidth-bound: per token it does O(n*C*(n*n + 2n)) flops
 // on n*C values. The minimal memory traffic per token, with s the bytes of the storage type and
@@ -11,8 +11,13 @@
 //   merge backward:              read (2n*C + C)*s (x, h_out, dx_next) + (n*n + n)*S,
 //                                write (n*C + C)*s (dx, dh_out) + (n*n + n)*S;
 //   aggregation backward (+=):   read (2n*C + C)*s (x, dh_in, dx) + n*S, write n*C*s (dx) + n*S;
-//   backward:                    the sum of the two (the branch runs between them, so they cannot
-//                                share a pass); forward_backward: forward plus backward.
+//   coefficient backward (+=):   read 2n*C*s (x, dx) + (n*n + 2n)*S, write n*C*s (dx), plus the
+//                                n*C x (n*n + 2n) gradient of phi once per call;
+//   backward:                    the sum of the three (the branch runs between the merge and the
+//                                others, so they cannot share a pass); forward_backward: forward
+//                                plus backward.
+// The fused coefficient backward reads x a second time for the gradient of phi, which this
+// minimum does not count.
 // For n >= 16 the projection vec(x) phi dominates and the kernels become compute-bound, so the
 // copy_fraction counter drops there by design.
 //
@@ -32,6 +37,7 @@
 // its setup.
 #include "bench_support.hpp"
 
+#include <mhc/backward.hpp>
 #include <mhc/fused.hpp>
 #include <mhc/layer.hpp>
 #include <mhc/layer_backward.hpp>
@@ -83,7 +89,9 @@ struct LayerData {
     const double c = parameters.channels;
     const double merge = (3 * n * c + 2 * c) * sizeof(Storage) + 2 * (n * n + n) * sizeof(Scalar);
     const double aggregate = (3 * n * c + c) * sizeof(Storage) + 2 * n * sizeof(Scalar);
-    return static_cast<double>(x.rows()) * (merge + aggregate);
+    const double coefficients = 3 * n * c * sizeof(Storage) + (n * n + 2 * n) * sizeof(Scalar);
+    const double grad_phi = n * c * (n * n + 2 * n) * sizeof(Scalar);
+    return static_cast<double>(x.rows()) * (merge + aggregate + coefficients) + grad_phi;
   }
 
   mhc::Parameters<Scalar> parameters;
@@ -95,6 +103,7 @@ struct LayerData {
   RowMatrix<Storage> grad_branch_output;
   mhc::Coefficients<Scalar> coefficients;
   RowMatrix<Scalar> grad_pre, grad_post, grad_res;
+  mhc::Parameters<Scalar> grad_parameters;
 };
 
 struct Arguments {
@@ -145,8 +154,9 @@ void fused_layer(benchmark::State& state) {
     if (runs_backward(kind)) {
       mhc::fused::merge_streams_backward(data.coefficients, data.x, data.branch_output, data.x_next, data.grad_x,
                                          data.grad_branch_output, data.grad_post, data.grad_res, workspace);
-      mhc::fused::aggregate_streams_backward(data.coefficients, data.x, data.branch_output, data.grad_x,
-                                             data.grad_pre, workspace, mhc::fused::GradientWrite::kAdd);
+      mhc::fused::prepare_branch_backward(data.parameters, data.x, data.coefficients, data.branch_output,
+                                          data.grad_post, data.grad_res, data.grad_x, data.grad_parameters,
+                                          workspace, mhc::Options{}, mhc::fused::GradientWrite::kAdd);
     }
     benchmark::ClobberMemory();
   }
@@ -174,8 +184,15 @@ void reference_layer(benchmark::State& state) {
     }
     if (runs_backward(kind)) {
       const auto merge = mhc::merge_streams_backward(data.coefficients, data.x, data.branch_output, data.x_next);
-      const auto aggregate = mhc::aggregate_streams_backward(data.coefficients, data.x, data.branch_output);
+      auto aggregate = mhc::aggregate_streams_backward(data.coefficients, data.x, data.branch_output);
+      mhc::Coefficients<Scalar> grad_coefficients;
+      grad_coefficients.pre = std::move(aggregate.pre);
+      grad_coefficients.post = merge.post;
+      grad_coefficients.res = merge.res;
+      const auto through_coefficients = mhc::compute_coefficients_backward(data.parameters, data.x, grad_coefficients);
       data.grad_x.noalias() = merge.x + aggregate.x;
+      data.grad_x += through_coefficients.x;
+      benchmark::DoNotOptimize(through_coefficients.parameters.phi.data());
     }
     benchmark::ClobberMemory();
   }

@@ -8,11 +8,14 @@
 //                           once and writes x_next once.
 //   fused::merge_streams_backward, fused::aggregate_streams_backward
 //                           the gradients of those two mixes, each in one pass.
+//   fused::coefficients_backward
+//                           the gradient through the coefficients (sigmoid, Sinkhorn-Knopp, the
+//                           RMS scale and phi): one pass over x for dL/dx, the bias and the
+//                           alphas, and one more for dL/dphi = x^T (gradient of x phi).
+//   fused::prepare_branch_backward
+//                           the aggregation's backward, then the coefficients' backward.
 // Per token the minimal traffic is n*C values read and C written (+ the coefficients) before the
 // branch, and n*C + C read and n*C written after it.
-//
-// NOTE: the backward pass through the coefficients (sigmoid, Sinkhorn-Knopp, the RMS scale and
-// phi) has no fused kernel yet.
 //
 // Types. Storage is the type of x, h_in, h_out and x_next: float, double or Eigen::bfloat16.
 // Scalar is the type of the parameters and coefficients (float or double), and every sum is
@@ -22,11 +25,14 @@
 // Outputs go to caller-owned views (Eigen::Ref of a RowMatrix, an Eigen::Map over a buffer, or a
 // block of rows), and all scratch memory lives in a Workspace that grows to the largest shape
 // seen and is then reused. A training loop that keeps its Workspace and Coefficients between
-// steps allocates nothing per step.
+// steps allocates nothing per step in the forward kernels and the two mix backwards.
+// NOTE: coefficients_backward runs Eigen matrix products, which may allocate their blocking
+// buffers on the heap, and allocates a solver per chunk for SinkhornGradient::implicit.
 //
 // Threads. A Workspace may carry a ThreadPool. Tokens are split into chunks of a fixed number of
 // tokens that do not depend on the pool size, and each token's result depends only on that
-// token, so every result is bitwise identical for any number of threads.
+// token. Sums over tokens (the parameter gradients of coefficients_backward) run in a fixed
+// order. So every result is bitwise identical for any number of threads.
 //
 // Example, one training-step forward with bfloat16 state:
 //   mhc::ThreadPool pool(2);
@@ -38,6 +44,7 @@
 #pragma once
 
 #include <mhc/common.hpp>
+#include <mhc/detail/backward_checks.hpp>
 #include <mhc/detail/fused_kernels.hpp>
 #include <mhc/detail/layer_checks.hpp>
 #include <mhc/layer.hpp>
@@ -48,6 +55,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <optional>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -94,6 +102,10 @@ class Workspace {
 
   Scalar* worker_buffer(int worker) { return workers_[static_cast<std::size_t>(worker)].data(); }
 
+  // Gradients shared by all tasks of one call, `size` values (the coefficient backward keeps the
+  // T x (n*n + 2n) gradient of the projections and per-chunk partial sums here).
+  Scalar* gradient_buffer(Eigen::Index size) { return grow(gradients_, size); }
+
   // merge_streams writes an x_next larger than this many bytes with non-temporal stores, which
   // skip reading each output line into the cache first. The default is the last-level cache
   // size that Eigen detects: a larger output is evicted before anyone reads it back.
@@ -103,6 +115,9 @@ class Workspace {
   RowMatrix<Storage> branch_input;
   Coefficients<Scalar> coefficients;
 
+  // Gradient of H_pre (T x n) for fused::prepare_branch_backward.
+  RowMatrix<Scalar> grad_pre;
+
  private:
   static Scalar* grow(Buffer& buffer, Eigen::Index size) {
     if (buffer.size() < static_cast<std::size_t>(size)) buffer.resize(static_cast<std::size_t>(size));
@@ -111,6 +126,7 @@ class Workspace {
 
   ThreadPool* pool_ = nullptr;
   Buffer projection_;
+  Buffer gradients_;
   std::vector<Buffer> workers_;
 };
 
@@ -387,6 +403,203 @@ void aggregate_streams_backward_tokens(const Coefficients<Scalar>& coefficients,
   });
 }
 
+// Checks the arguments of the coefficient backward other than grad_pre.
+template <typename Storage, typename Scalar>
+void check_coefficients_backward(const char* function, const Parameters<Scalar>& parameters,
+                                 const ConstRowMatrixRef<Storage>& x, const ConstRowMatrixRef<Scalar>& grad_post,
+                                 const ConstRowMatrixRef<Scalar>& grad_res, const RowMatrixRef<Storage>& grad_x,
+                                 const Parameters<Scalar>& grad_parameters, const Options& options) {
+  mhc::detail::check_parameters(function, parameters);
+  mhc::detail::check_options(function, options);
+  check_sinkhorn_options(function, options.sinkhorn);
+  mhc::detail::check_state(function, "x", x, parameters.streams, parameters.channels);
+  const int n = parameters.streams;
+  mhc::detail::check_shape(function, "grad_post", grad_post, x.rows(), n);
+  mhc::detail::check_shape(function, "grad_res", grad_res, x.rows(), Index(n) * n);
+  mhc::detail::check_shape(function, "grad_x", grad_x, x.rows(), x.cols());
+  check_no_overlap(function, "grad_x", "x", grad_x, x);
+  check_no_overlap(function, "grad_x", "grad_post", grad_x, grad_post);
+  check_no_overlap(function, "grad_x", "grad_res", grad_x, grad_res);
+  if (&grad_parameters == &parameters) {
+    mhc::detail::throw_invalid_argument(function, "grad_parameters", "an object other than parameters",
+                                        "the same object");
+  }
+}
+
+// Rows of grad phi per task and tokens per product step of coefficient_parameter_gradient.
+// Both are fixed, so the order of every sum is independent of the number of threads.
+constexpr Index kPhiGradientRows = 64;
+constexpr Index kPhiGradientTokens = 256;
+
+// Pass 1 of the coefficient backward. For each chunk of tokens it recomputes the projections
+// x phi (an Eigen product on the chunk) and 1/r. It backpropagates through the sigmoids, the
+// Sinkhorn-Knopp rounds and the scale alpha / r, then writes (or adds) the chunk's rows of grad_x.
+// It stores the gradient of the projections in `grad_projections` (T x M) and, per chunk, the
+// partial sums of the bias gradient and of the three alpha gradients in `partials`
+// (chunks x (M + 3)).
+template <bool kAccumulate, typename Storage, typename Scalar>
+void coefficients_backward_tokens(const Parameters<Scalar>& parameters, const ConstRowMatrixRef<Storage>& x,
+                                  const ConstRowMatrixRef<Scalar>& grad_pre,
+                                  const ConstRowMatrixRef<Scalar>& grad_post,
+                                  const ConstRowMatrixRef<Scalar>& grad_res, RowMatrixRef<Storage>& grad_x,
+                                  Scalar* grad_projections, Scalar* partials, Workspace<Storage, Scalar>& workspace,
+                                  const Options& options) {
+  namespace kernels = mhc::detail::fused;
+  using ConstRowsMap = Eigen::Map<const RowMatrix<Scalar>, 0, Eigen::OuterStride<>>;
+  using RowsMap = Eigen::Map<RowMatrix<Scalar>>;
+  constexpr bool kConvert = !std::is_same_v<Storage, Scalar>;
+  const int n = parameters.streams;
+  const Index width = x.cols();
+  const Index count = parameters.coefficient_count();
+  const Index tokens = x.rows();
+
+  kernels::CoefficientRule<Scalar> rule;
+  rule.bias = parameters.bias.data();
+  rule.alpha_pre = parameters.alpha_pre;
+  rule.alpha_post = parameters.alpha_post;
+  rule.alpha_res = parameters.alpha_res;
+  rule.rms_epsilon = static_cast<Scalar>(options.rms_epsilon);
+  rule.width = width;
+  rule.sinkhorn = options.sinkhorn;
+  const Scalar alpha[3] = {parameters.alpha_pre, parameters.alpha_post, parameters.alpha_res};
+  const Index block_begin[4] = {0, n, 2 * n, count};
+
+  // Per worker: the chunk's rows of x in Scalar (storage conversion only), its projections, its
+  // rows of grad_x in Scalar and the Sinkhorn scratch.
+  const Index row_values = kChunkTokens * width;
+  const Index projection_values = kChunkTokens * count;
+  const Index scratch_values = kernels::logit_gradient_scratch_size(n, options.sinkhorn);
+  workspace.reserve_worker_buffers(2 * row_values + projection_values + scratch_values);
+
+  const bool implicit = options.sinkhorn.gradient == SinkhornGradient::implicit;
+  const Index chunks = (tokens + kChunkTokens - 1) / kChunkTokens;
+  mhc::detail::run_tasks(workspace.thread_pool(), chunks, [&](Index chunk, int worker) {
+    Scalar* converted_rows = workspace.worker_buffer(worker);
+    Scalar* projection_data = converted_rows + row_values;
+    Scalar* grad_row_data = projection_data + projection_values;
+    Scalar* scratch = grad_row_data + row_values;
+    // NOTE: the implicit gradient allocates its solver's buffers once per chunk.
+    std::optional<mhc::detail::ImplicitGradientSolver<Scalar>> solver;
+    if (implicit) solver.emplace(n);
+
+    const Index first = chunk * kChunkTokens;
+    const Index rows = std::min(tokens, first + kChunkTokens) - first;
+    const Scalar* x_data = nullptr;
+    Index x_stride = width;
+    if constexpr (kConvert) {
+      for (Index r = 0; r < rows; ++r) {
+        kernels::convert_row(row_pointer<Storage>(x, first + r), width, converted_rows + r * width);
+      }
+      x_data = converted_rows;
+    } else {
+      x_data = row_pointer<Storage>(x, first);
+      x_stride = x.outerStride();
+    }
+    const ConstRowsMap chunk_x(x_data, rows, width, Eigen::OuterStride<>(x_stride));
+    RowsMap projections(projection_data, rows, count);
+    projections.noalias() = chunk_x * parameters.phi;
+
+    // Token by token, logit k = alpha * projection_k / r + bias_k: the gradient of projection k
+    // is alpha / r times the logit's, and 1/r collects alpha * projection_k times the logit's.
+    RowsMap chunk_grad_projections(grad_projections + first * count, rows, count);
+    Scalar* partial = partials + chunk * (count + 3);
+    std::fill(partial, partial + count + 3, Scalar(0));
+    Scalar rms_factors[kChunkTokens];
+    for (Index r = 0; r < rows; ++r) {
+      const Index t = first + r;
+      const Scalar inverse_r =
+          Scalar(1) / std::sqrt(kernels::sum_of_squares(x_data + r * x_stride, width) / static_cast<Scalar>(width) +
+                                rule.rms_epsilon);
+      Scalar* grad_logits = &chunk_grad_projections(r, 0);
+      kernels::token_logit_gradient(projection_data + r * count, inverse_r, row_pointer<Scalar>(grad_pre, t),
+                                    row_pointer<Scalar>(grad_post, t), row_pointer<Scalar>(grad_res, t), n, rule,
+                                    scratch, solver ? &*solver : nullptr, grad_logits);
+
+      Scalar grad_inverse_r(0);
+      for (int block = 0; block < 3; ++block) {
+        Scalar grad_alpha(0);
+        for (Index k = block_begin[block]; k < block_begin[block + 1]; ++k) {
+          partial[k] += grad_logits[k];
+          grad_alpha += grad_logits[k] * projections(r, k) * inverse_r;
+          grad_inverse_r += grad_logits[k] * alpha[block] * projections(r, k);
+          grad_logits[k] *= alpha[block] * inverse_r;
+        }
+        partial[count + block] += grad_alpha;
+      }
+      // 1/r = (mean(v^2) + epsilon)^(-1/2) of the token row v has the derivative
+      // -(1/r)^3 v / (n*C).
+      rms_factors[r] = -grad_inverse_r * inverse_r * inverse_r * inverse_r / static_cast<Scalar>(width);
+    }
+
+    // grad_x rows = dP phi^T + rms_factor * x, through the projection and then through 1/r.
+    RowsMap grad_rows(grad_row_data, rows, width);
+    grad_rows.noalias() = chunk_grad_projections * parameters.phi.transpose();
+    for (Index r = 0; r < rows; ++r) {
+      grad_rows.row(r) += rms_factors[r] * chunk_x.row(r);
+      Storage* target = row_pointer<Storage>(grad_x, first + r);
+      if constexpr (kConvert) {
+        // The converted row r of x is no longer needed, so it receives the old gradient row.
+        Scalar* old_gradient = converted_rows + r * width;
+        if constexpr (kAccumulate) {
+          kernels::convert_row(target, width, old_gradient);
+          for (Index k = 0; k < width; ++k) grad_rows(r, k) += old_gradient[k];
+        }
+        kernels::convert_row(&grad_rows(r, 0), width, target);
+      } else {
+        Eigen::Map<RowVector<Scalar>> target_row(target, width);
+        if constexpr (kAccumulate) {
+          target_row += grad_rows.row(r);
+        } else {
+          target_row = grad_rows.row(r);
+        }
+      }
+    }
+  });
+}
+
+// Pass 2 of the coefficient backward: grad_phi = x^T grad_projections (K x M). Each task owns
+// kPhiGradientRows rows of grad_phi and sums over the tokens in fixed steps, so no partial sums
+// of grad_phi are stored: per chunk of 16 tokens they would be M / 16 times the size of x.
+template <typename Storage, typename Scalar>
+void coefficient_parameter_gradient(const ConstRowMatrixRef<Storage>& x, const Scalar* grad_projections,
+                                    RowMatrix<Scalar>& grad_phi, Workspace<Storage, Scalar>& workspace) {
+  namespace kernels = mhc::detail::fused;
+  using ConstRowsMap = Eigen::Map<const RowMatrix<Scalar>, 0, Eigen::OuterStride<>>;
+  constexpr bool kConvert = !std::is_same_v<Storage, Scalar>;
+  const Index width = x.cols();
+  const Index tokens = x.rows();
+  const Index count = grad_phi.cols();
+  const Eigen::Map<const RowMatrix<Scalar>> all_grad_projections(grad_projections, tokens, count);
+
+  // Per worker (storage conversion only): a kPhiGradientTokens x kPhiGradientRows block of x.
+  workspace.reserve_worker_buffers(kConvert ? kPhiGradientTokens * kPhiGradientRows : 0);
+
+  const Index blocks = (width + kPhiGradientRows - 1) / kPhiGradientRows;
+  mhc::detail::run_tasks(workspace.thread_pool(), blocks, [&](Index block, int worker) {
+    const Index begin = block * kPhiGradientRows;
+    const Index columns = std::min(width, begin + kPhiGradientRows) - begin;
+    auto grad_rows = grad_phi.middleRows(begin, columns);
+    grad_rows.setZero();
+    for (Index first = 0; first < tokens; first += kPhiGradientTokens) {
+      const Index rows = std::min(tokens, first + kPhiGradientTokens) - first;
+      const Scalar* x_data = nullptr;
+      Index x_stride = columns;
+      if constexpr (kConvert) {
+        Scalar* converted = workspace.worker_buffer(worker);
+        for (Index r = 0; r < rows; ++r) {
+          kernels::convert_row(row_pointer<Storage>(x, first + r) + begin, columns, converted + r * columns);
+        }
+        x_data = converted;
+      } else {
+        x_data = row_pointer<Storage>(x, first) + begin;
+        x_stride = x.outerStride();
+      }
+      const ConstRowsMap x_block(x_data, rows, columns, Eigen::OuterStride<>(x_stride));
+      grad_rows.noalias() += x_block.transpose() * all_grad_projections.middleRows(first, rows);
+    }
+  });
+}
+
 }  // namespace detail
 
 // Computes the coefficients of every token of x (T x n*C) and the branch input
@@ -535,6 +748,98 @@ void aggregate_streams_backward(const Coefficients<Scalar>& coefficients, const 
                                                                  workspace);
     }
   });
+}
+
+// Backward of the coefficients H_pre, H_post, H_res that fused::prepare_branch computes from x
+// (T x n*C). Their gradients are grad_pre (T x n), grad_post (T x n) and grad_res (T x n*n, row
+// t is dL/dH_res of token t in row-major order). Recomputes x phi and 1/r from x and the
+// Sinkhorn-Knopp iterates per token, so it needs no activations from the forward pass.
+//   grad_x           T x n*C  this path's share of dL/dx, written, or added with GradientWrite::kAdd
+//   grad_parameters  phi (n*C x (n*n + 2n)), bias and the three alphas, overwritten; streams and
+//                    channels are copied from `parameters`
+// grad_x must not overlap x or the coefficient gradients, and grad_parameters must be another
+// object than parameters. Matches mhc::compute_coefficients_backward to rounding, for any
+// SinkhornOptions.
+//
+// Two passes: the first runs chunks of kChunkTokens tokens and writes grad_x, the gradient of
+// the projections (T x (n*n + 2n), kept in the workspace) and per-chunk partial sums of the bias
+// and alpha gradients, which are then added in chunk order. The second computes
+// grad_phi = x^T (gradient of the projections) in fixed blocks of rows of grad_phi. Every sum has
+// a fixed order, so the result is bitwise identical for any number of threads.
+// NOTE: unlike mhc::compute_coefficients_backward, this kernel does not check x for NaN or
+// infinity, and such entries give NaN gradients instead of an exception.
+template <typename Storage, typename Scalar>
+void coefficients_backward(const Parameters<Scalar>& parameters, const ConstRowMatrixRef<Storage>& x,
+                           const ConstRowMatrixRef<Scalar>& grad_pre, const ConstRowMatrixRef<Scalar>& grad_post,
+                           const ConstRowMatrixRef<Scalar>& grad_res, RowMatrixRef<Storage> grad_x,
+                           Parameters<Scalar>& grad_parameters, Workspace<Storage, Scalar>& workspace,
+                           const Options& options = {}, GradientWrite write = GradientWrite::kOverwrite) {
+  const char* function = "mhc::fused::coefficients_backward";
+  detail::check_coefficients_backward<Storage, Scalar>(function, parameters, x, grad_post, grad_res, grad_x, grad_parameters, options);
+  const Eigen::Index tokens = x.rows();
+  mhc::detail::check_shape(function, "grad_pre", grad_pre, tokens, parameters.streams);
+  detail::check_no_overlap(function, "grad_x", "grad_pre", grad_x, grad_pre);
+
+  const Eigen::Index count = parameters.coefficient_count();
+  grad_parameters.streams = parameters.streams;
+  grad_parameters.channels = parameters.channels;
+  grad_parameters.phi.resize(x.cols(), count);
+  grad_parameters.bias.resize(count);
+  if (tokens == 0) {
+    grad_parameters.phi.setZero();
+    grad_parameters.bias.setZero();
+    grad_parameters.alpha_pre = grad_parameters.alpha_post = grad_parameters.alpha_res = Scalar(0);
+    return;
+  }
+
+  const Eigen::Index chunks = (tokens + kChunkTokens - 1) / kChunkTokens;
+  Scalar* grad_projections = workspace.gradient_buffer(tokens * count + chunks * (count + 3));
+  Scalar* partials = grad_projections + tokens * count;
+  if (write == GradientWrite::kAdd) {
+    detail::coefficients_backward_tokens<true>(parameters, x, grad_pre, grad_post, grad_res, grad_x,
+                                               grad_projections, partials, workspace, options);
+  } else {
+    detail::coefficients_backward_tokens<false>(parameters, x, grad_pre, grad_post, grad_res, grad_x,
+                                                grad_projections, partials, workspace, options);
+  }
+
+  // Partial sums in chunk order: bias gradient (count values), then alpha_pre, alpha_post, alpha_res.
+  const Eigen::Map<const RowMatrix<Scalar>> chunk_partials(partials, chunks, count + 3);
+  RowVector<Scalar> totals = chunk_partials.row(0);
+  for (Eigen::Index chunk = 1; chunk < chunks; ++chunk) totals += chunk_partials.row(chunk);
+  grad_parameters.bias = totals.head(count);
+  grad_parameters.alpha_pre = totals(count);
+  grad_parameters.alpha_post = totals(count + 1);
+  grad_parameters.alpha_res = totals(count + 2);
+
+  detail::coefficient_parameter_gradient(x, grad_projections, grad_parameters.phi, workspace);
+}
+
+// Backward of fused::prepare_branch: the aggregation h_in = H_pre x and the coefficients, given
+// grad_branch_input = dL/dh_in (T x C) from the branch's backward and grad_post, grad_res from
+// fused::merge_streams_backward. `coefficients` are those of the forward pass (they weight the
+// aggregation's gradient). Writes (or with GradientWrite::kAdd, adds) to grad_x the aggregation's
+// and the coefficients' shares of dL/dx, and overwrites grad_parameters as
+// fused::coefficients_backward does. After merge_streams_backward has written its share to
+// grad_x, GradientWrite::kAdd completes the layer's dL/dx; this matches
+// mhc::prepare_branch_backward to rounding. Scratch: workspace.grad_pre.
+// With bfloat16 storage grad_x is rounded once after each share.
+template <typename Storage, typename Scalar>
+void prepare_branch_backward(const Parameters<Scalar>& parameters, const ConstRowMatrixRef<Storage>& x,
+                             const Coefficients<Scalar>& coefficients,
+                             const ConstRowMatrixRef<Storage>& grad_branch_input,
+                             const ConstRowMatrixRef<Scalar>& grad_post, const ConstRowMatrixRef<Scalar>& grad_res,
+                             RowMatrixRef<Storage> grad_x, Parameters<Scalar>& grad_parameters,
+                             Workspace<Storage, Scalar>& workspace, const Options& options = {},
+                             GradientWrite write = GradientWrite::kOverwrite) {
+  // Checks everything before aggregate_streams_backward writes to grad_x.
+  const char* function = "mhc::fused::prepare_branch_backward";
+  detail::check_coefficients_backward<Storage, Scalar>(function, parameters, x, grad_post, grad_res, grad_x, grad_parameters, options);
+  mhc::detail::check_coefficients_shape(function, "coefficients", coefficients, x.rows(), parameters.streams);
+  mhc::detail::check_shape(function, "grad_branch_input", grad_branch_input, x.rows(), parameters.channels);
+  aggregate_streams_backward(coefficients, x, grad_branch_input, grad_x, workspace.grad_pre, workspace, write);
+  coefficients_backward(parameters, x, workspace.grad_pre, grad_post, grad_res, grad_x, grad_parameters, workspace,
+                        options, GradientWrite::kAdd);
 }
 
 }  // namespace mhc::fused

@@ -570,6 +570,60 @@ void token_coefficients(const Acc* projection, Acc squares, int streams, const C
   sinkhorn_log_domain(res, n, rule.sinkhorn);
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Backward through the coefficients of one token.
+
+// Values of scratch that token_logit_gradient needs: the n x n logits, the n x n Sinkhorn state
+// and 2n normalisers per round.
+inline Index logit_gradient_scratch_size(int streams, const SinkhornOptions& sinkhorn) {
+  const Index n = streams;
+  return 2 * n * n + 2 * n * std::max(sinkhorn.iterations, 0);
+}
+
+// Writes to grad_logits (n*n + 2n values, order [pre | post | res]) the gradient of one token's
+// coefficient logits, given its projection vec(x) phi, its 1/r and the gradients of its H_pre,
+// H_post and H_res (n, n and n*n values). The logits are recomputed as token_coefficients()
+// computes them, and the res block goes through the Sinkhorn-Knopp kernels that
+// mhc::sinkhorn_knopp_backward runs, so both give the same gradient to rounding. `scratch`
+// holds logit_gradient_scratch_size() values; `solver` is used only for
+// SinkhornGradient::implicit and must then be an n x n solver.
+template <typename Acc>
+void token_logit_gradient(const Acc* projection, Acc inverse_r, const Acc* grad_pre, const Acc* grad_post,
+                          const Acc* grad_res, int n, const CoefficientRule<Acc>& rule, Acc* scratch,
+                          mhc::detail::ImplicitGradientSolver<Acc>* solver, Acc* grad_logits) {
+  const Acc pre_scale = rule.alpha_pre * inverse_r;
+  const Acc post_scale = rule.alpha_post * inverse_r;
+  const Acc res_scale = rule.alpha_res * inverse_r;
+  for (int i = 0; i < n; ++i) {
+    const Acc pre = sigmoid(pre_scale * projection[i] + rule.bias[i]);
+    grad_logits[i] = grad_pre[i] * pre * (Acc(1) - pre);
+
+    // H_post = 2 sigmoid(z), so dH_post / dz = 2 sigmoid(z) (1 - sigmoid(z)).
+    const Acc post = sigmoid(post_scale * projection[n + i] + rule.bias[n + i]);
+    grad_logits[n + i] = grad_post[i] * Acc(2) * post * (Acc(1) - post);
+  }
+
+  using SquareMap = Eigen::Map<RowMatrix<Acc>>;
+  SquareMap logits(scratch, n, n);
+  SquareMap state(scratch + n * n, n, n);
+  SquareMap grad(grad_logits + 2 * n, n, n);
+  Acc* trace = scratch + 2 * n * n;
+  for (int k = 0; k < n * n; ++k) {
+    logits.data()[k] = res_scale * projection[2 * n + k] + rule.bias[2 * n + k];
+    grad.data()[k] = grad_res[k];
+  }
+
+  const SinkhornOptions& sinkhorn = rule.sinkhorn;
+  const bool log_domain = sinkhorn.method == SinkhornMethod::log_domain;
+  if (sinkhorn.gradient == SinkhornGradient::implicit) {
+    mhc::detail::project(logits, state, sinkhorn.iterations, sinkhorn.tolerance, log_domain);
+    solver->apply(state, grad);
+    return;
+  }
+  mhc::detail::unrolled_backward(logits, state, grad, sinkhorn.iterations, sinkhorn.tolerance, log_domain, trace);
+}
+
 }  // namespace mhc::detail::fused
 
 #if defined(__GNUC__)
