@@ -60,7 +60,7 @@ Training:
   --batch N            sequences per batch (default 16)
   --sequence N         consecutive predictions per sequence (default 64)
   --seed N             seed of the initial weights, batch order and sampling (default 1)
-  --threads N          Eigen threads (default 1); only has an effect in an OpenMP build
+  --threads N          Eigen threads for matrix products (default 1); needs an OpenMP build
 Data and output:
   --data PATH          text file to train on (default: a generated corpus of sentences)
   --corpus-bytes N     size of the generated corpus in bytes (default 400000)
