@@ -71,6 +71,25 @@ TYPED_TEST(InputChecksTest, NonFiniteParametersNameField) {
   expect_invalid_argument([&] { mhc::compute_coefficients(parameters, x); }, "invalid parameters.bias");
 }
 
+TYPED_TEST(InputChecksTest, MergeIntoOverlappingOutputRejected) {
+  using Scalar = TypeParam;
+  const mhc::Parameters<Scalar> parameters = random_parameters<Scalar>(2, 3);
+  RowMatrix<Scalar> x = mhc::test::random_matrix<Scalar>(4, 6, 6);
+  const mhc::Coefficients<Scalar> coefficients = mhc::compute_coefficients(parameters, x);
+  RowMatrix<Scalar> branch_output = mhc::test::random_matrix<Scalar>(4, 3, 7);
+
+  expect_invalid_argument([&] { mhc::merge_streams<Scalar>(coefficients, x, branch_output, x); },
+                          "mhc::merge_streams: invalid x_next: expected memory disjoint from x");
+  RowMatrix<Scalar> buffer(5, 6);
+  expect_invalid_argument(
+      [&] { mhc::merge_streams<Scalar>(coefficients, buffer.topRows(4), branch_output, buffer.bottomRows(4)); },
+      "invalid x_next: expected memory disjoint from x");
+
+  RowMatrix<Scalar> x_next(4, 6);
+  mhc::merge_streams<Scalar>(coefficients, x, branch_output, x_next);
+  EXPECT_TRUE(x_next.allFinite());
+}
+
 TEST(InputChecks, StreamCountBeyondIntRejected) {
   expect_invalid_argument([] { mhc::Parameters<float>::identity(46341, 1, 0); }, "streams and channels");
   expect_invalid_argument([] { mhc::Parameters<float>::identity(65536, 65536, 0); }, "streams and channels");

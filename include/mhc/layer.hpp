@@ -207,6 +207,8 @@ void merge_streams(const Coefficients<Scalar>& coefficients, const ConstRowMatri
   const int channels = static_cast<int>(x.cols() / n);
   detail::check_shape(function, "branch_output", branch_output, x.rows(), channels);
   detail::check_shape(function, "x_next", x_next, x.rows(), x.cols());
+  detail::check_disjoint(function, "x_next", "x", x_next, x);
+  detail::check_disjoint(function, "x_next", "branch_output", x_next, branch_output);
 
   for (Eigen::Index t = 0; t < x.rows(); ++t) {
     auto next = detail::stream_view(x_next.row(t).data(), n, channels);

@@ -5,6 +5,7 @@
 #include <mhc/common.hpp>
 
 #include <cmath>
+#include <cstdint>
 
 namespace mhc::detail {
 
@@ -62,6 +63,25 @@ void check_finite_values(const char* function, const char* argument, const Eigen
         throw_invalid_argument(function, argument, "finite entries", concat(value, " at (", row, ", ", col, ")"));
       }
     }
+  }
+}
+
+// Throws if the memory of the row-major views `output` and `input` overlaps, because a kernel
+// that reads `input` while writing `output` would read values it has already overwritten.
+template <typename Output, typename Input>
+void check_disjoint(const char* function, const char* output_name, const char* input_name,
+                    const Output& output, const Input& input) {
+  if (output.size() == 0 || input.size() == 0) return;
+  // Addresses compare as integers, because < between pointers into different arrays is unspecified.
+  const auto address = [](const auto* pointer) { return reinterpret_cast<std::uintptr_t>(pointer); };
+  const std::uintptr_t output_begin = address(output.data());
+  const std::uintptr_t output_end =
+      address(output.data() + (output.rows() - 1) * output.outerStride() + output.cols());
+  const std::uintptr_t input_begin = address(input.data());
+  const std::uintptr_t input_end = address(input.data() + (input.rows() - 1) * input.outerStride() + input.cols());
+  if (output_begin < input_end && input_begin < output_end) {
+    throw_invalid_argument(function, output_name, concat("memory disjoint from ", input_name),
+                           concat("a view that overlaps ", input_name));
   }
 }
 
