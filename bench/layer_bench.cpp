@@ -143,7 +143,7 @@ void fused_layer(benchmark::State& state) {
   mhc::fused::prepare_branch(data.parameters, data.x, data.coefficients, data.branch_input, workspace);
 
   const mhc::bench::Stopwatch stopwatch;
-  // In the backward pass x_next stands in for dL/dx_next and h_out for dL/dh_in.
+  // In the backward pass x_next is used as dL/dx_next and h_out as dL/dh_in.
   for (auto _ : state) {
     if (runs_prepare(kind)) {
       mhc::fused::prepare_branch(data.parameters, data.x, data.coefficients, data.branch_input, workspace);

@@ -37,7 +37,7 @@ double epsilon() {
 
 // Absolute tolerance for a quantity of magnitude about 1 computed with about `operations`
 // rounding steps in Scalar: a safety factor of 8 over the worst-case linear growth of
-// `operations` * epsilon. Every tolerance in the tests comes from here or says why it differs.
+// `operations` * epsilon. Every tolerance in the tests comes from here or explains why it differs.
 template <typename Scalar>
 double tolerance(double operations) {
   return 8.0 * operations * epsilon<Scalar>();

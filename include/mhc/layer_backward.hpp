@@ -35,7 +35,7 @@ struct AggregateGradients {
 };
 
 // Result of the backward pass of a coefficient rule (mHC, static HC, dynamic HC, mHC-lite).
-// `x` is the gradient of the state through the coefficients (T x n*C). `parameters` holds the
+// `x` is the gradient of the state through the coefficients (T x n*C). `parameters` contains the
 // gradients of the rule's learned values, field by field, in the rule's own parameters type.
 template <typename ParametersType>
 struct CoefficientsBackward {

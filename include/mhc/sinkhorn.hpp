@@ -157,8 +157,8 @@ typename Derived::PlainObject sinkhorn_knopp(const Eigen::MatrixBase<Derived>& l
 // of the rounds that the forward pass ran: fewer when the tolerance stopped it, and the
 // log-domain rounds when it fell back to them. The iterates are recomputed internally, so the
 // caller keeps nothing from the forward pass.
-// NOTE: allocates 2 * n * options.iterations scalars of scratch (and the implicit solver's
-// buffers) even for fixed-size input; the batched form allocates them once per call.
+// NOTE: allocates 2 * n * options.iterations scalars of scratch, plus the implicit solver's
+// buffers, even for fixed-size input. The batched form allocates them once per call.
 template <typename Derived, typename GradDerived>
 typename Derived::PlainObject sinkhorn_knopp_backward(
     const Eigen::MatrixBase<Derived>& logits, const Eigen::MatrixBase<GradDerived>& grad_output,
