@@ -754,9 +754,10 @@ void aggregate_streams_backward(const Coefficients<Scalar>& coefficients, const 
 // (T x n*C). Their gradients are grad_pre (T x n), grad_post (T x n) and grad_res (T x n*n, row
 // t is dL/dH_res of token t in row-major order). Recomputes x phi and 1/r from x and the
 // Sinkhorn-Knopp iterates per token, so it needs no activations from the forward pass.
-//   grad_x           T x n*C  this path's share of dL/dx, written, or added with GradientWrite::kAdd
-//   grad_parameters  phi (n*C x (n*n + 2n)), bias and the three alphas, overwritten; streams and
-//                    channels are copied from `parameters`
+//   grad_x           T x n*C  this path's share of dL/dx. It is written, or added with
+//                             GradientWrite::kAdd.
+//   grad_parameters  phi (n*C x (n*n + 2n)), bias and the three alphas, overwritten. The fields
+//                    streams and channels are copied from `parameters`.
 // grad_x must not overlap x or the coefficient gradients, and grad_parameters must be another
 // object than parameters. Matches mhc::compute_coefficients_backward to rounding, for any
 // SinkhornOptions.

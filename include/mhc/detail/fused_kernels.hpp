@@ -586,8 +586,8 @@ inline Index logit_gradient_scratch_size(int streams, const SinkhornOptions& sin
 // H_post and H_res (n, n and n*n values). The logits are recomputed as token_coefficients()
 // computes them, and the res block goes through the Sinkhorn-Knopp kernels that
 // mhc::sinkhorn_knopp_backward runs, so both give the same gradient to rounding. `scratch`
-// holds logit_gradient_scratch_size() values; `solver` is used only for
-// SinkhornGradient::implicit and must then be an n x n solver.
+// has room for logit_gradient_scratch_size() values. `solver` is used only for
+// SinkhornGradient::implicit, and must then be an n x n solver.
 template <typename Acc>
 void token_logit_gradient(const Acc* projection, Acc inverse_r, const Acc* grad_pre, const Acc* grad_post,
                           const Acc* grad_res, int n, const CoefficientRule<Acc>& rule, Acc* scratch,
