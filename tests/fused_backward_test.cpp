@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -466,6 +467,229 @@ TEST(FusedCoefficientsBackwardErrors, LayerBackwardLeavesGradientOnBadInput) {
                                                    grad_x, grad_parameters, workspace),
                std::invalid_argument);
   EXPECT_EQ(grad_x, initial);
+}
+
+// Outputs of one backward before the branch, for bitwise comparisons.
+template <typename Storage, typename Scalar>
+struct BackwardOutputs {
+  RowMatrix<Storage> grad_x;
+  mhc::Parameters<Scalar> grad_parameters;
+};
+
+template <typename Storage, typename Scalar>
+void expect_same_outputs(const BackwardOutputs<Storage, Scalar>& actual, const BackwardOutputs<Storage, Scalar>& expected) {
+  EXPECT_EQ(actual.grad_x, expected.grad_x);
+  EXPECT_EQ(actual.grad_parameters.phi, expected.grad_parameters.phi);
+  EXPECT_EQ(actual.grad_parameters.bias, expected.grad_parameters.bias);
+  EXPECT_EQ(actual.grad_parameters.alpha_pre, expected.grad_parameters.alpha_pre);
+  EXPECT_EQ(actual.grad_parameters.alpha_post, expected.grad_parameters.alpha_post);
+  EXPECT_EQ(actual.grad_parameters.alpha_res, expected.grad_parameters.alpha_res);
+}
+
+// The projections that prepare_branch keeps are the values that the backward would recompute
+// with the same kernels, so both paths give the same bits.
+TYPED_TEST(FusedCoefficientsBackward, KeptProjectionsMatchRecomputed) {
+  using Storage = TypeParam;
+  using Scalar = ParameterScalar<Storage>;
+  mhc::fused::Workspace<Storage, Scalar> workspace;
+  std::uint32_t seed = 500;
+  for (const Shape& shape : {Shape{1, 3, 1}, Shape{3, 17, 33}, Shape{4, 100, 9}, Shape{8, 3, 0}}) {
+    SCOPED_TRACE(::testing::Message() << "n=" << shape.streams << " C=" << shape.channels << " T=" << shape.tokens);
+    const Eigen::Index width = Eigen::Index(shape.streams) * shape.channels;
+    const auto parameters = random_parameters<Scalar>(shape.streams, shape.channels, seed);
+    const RowMatrix<Storage> x = random_state<Storage>(shape.tokens, width, seed + 1);
+    const RowMatrix<Storage> grad_input = random_state<Storage>(shape.tokens, shape.channels, seed + 2);
+    const RowMatrix<Storage> initial = random_state<Storage>(shape.tokens, width, seed + 3);
+    const auto grad = random_coefficient_gradients<Scalar>(shape.streams, shape.tokens, seed + 4);
+    seed += 10;
+
+    mhc::Coefficients<Scalar> plain_coefficients, coefficients;
+    mhc::fused::Projections<Scalar> projections;
+    RowMatrix<Storage> plain_input(shape.tokens, shape.channels), input(shape.tokens, shape.channels);
+    mhc::fused::prepare_branch(parameters, x, plain_coefficients, plain_input, workspace);
+    mhc::fused::prepare_branch(parameters, x, coefficients, projections, input, workspace);
+    EXPECT_EQ(input, plain_input);
+    EXPECT_EQ(coefficients.res, plain_coefficients.res);
+    EXPECT_EQ(projections.values.rows(), shape.tokens);
+    EXPECT_EQ(projections.values.cols(), parameters.coefficient_count());
+    EXPECT_EQ(projections.inverse_rms.size(), shape.tokens);
+
+    BackwardOutputs<Storage, Scalar> recomputed{initial, {}}, kept{initial, {}};
+    mhc::fused::coefficients_backward(parameters, x, grad.pre, grad.post, grad.res, recomputed.grad_x,
+                                      recomputed.grad_parameters, workspace, mhc::Options{}, GradientWrite::kAdd);
+    mhc::fused::coefficients_backward(parameters, x, projections, grad.pre, grad.post, grad.res, kept.grad_x,
+                                      kept.grad_parameters, workspace, mhc::Options{}, GradientWrite::kAdd);
+    expect_same_outputs(kept, recomputed);
+
+    BackwardOutputs<Storage, Scalar> layer_recomputed{initial, {}}, layer_kept{initial, {}};
+    mhc::fused::prepare_branch_backward(parameters, x, coefficients, grad_input, grad.post, grad.res,
+                                        layer_recomputed.grad_x, layer_recomputed.grad_parameters, workspace);
+    mhc::fused::prepare_branch_backward(parameters, x, projections, coefficients, grad_input, grad.post, grad.res,
+                                        layer_kept.grad_x, layer_kept.grad_parameters, workspace);
+    expect_same_outputs(layer_kept, layer_recomputed);
+  }
+}
+
+// prepare_branch_backward runs the aggregation's backward inside the coefficient backward. The
+// result must equal the two kernels run one after the other, up to the rounding of grad_x to
+// Storage between them.
+TYPED_TEST(FusedCoefficientsBackward, PrepareBackwardMatchesSeparateKernels) {
+  using Storage = TypeParam;
+  using Scalar = ParameterScalar<Storage>;
+  mhc::fused::Workspace<Storage, Scalar> workspace;
+  const Shape shape{4, 17, 33};
+  const Eigen::Index width = Eigen::Index(shape.streams) * shape.channels;
+  const auto parameters = random_parameters<Scalar>(shape.streams, shape.channels, 600);
+  const RowMatrix<Storage> x = random_state<Storage>(shape.tokens, width, 601);
+  const RowMatrix<Storage> grad_input = random_state<Storage>(shape.tokens, shape.channels, 602);
+  const auto grad = random_coefficient_gradients<Scalar>(shape.streams, shape.tokens, 603);
+  mhc::Coefficients<Scalar> coefficients;
+  RowMatrix<Storage> input(shape.tokens, shape.channels);
+  mhc::fused::prepare_branch(parameters, x, coefficients, input, workspace);
+
+  BackwardOutputs<Storage, Scalar> separate{RowMatrix<Storage>(shape.tokens, width), {}};
+  RowMatrix<Scalar> grad_pre;
+  mhc::fused::aggregate_streams_backward(coefficients, x, grad_input, separate.grad_x, grad_pre, workspace);
+  mhc::fused::coefficients_backward(parameters, x, grad_pre, grad.post, grad.res, separate.grad_x,
+                                    separate.grad_parameters, workspace, mhc::Options{}, GradientWrite::kAdd);
+  BackwardOutputs<Storage, Scalar> fused{RowMatrix<Storage>(shape.tokens, width), {}};
+  mhc::fused::prepare_branch_backward(parameters, x, coefficients, grad_input, grad.post, grad.res, fused.grad_x,
+                                      fused.grad_parameters, workspace);
+
+  if constexpr (std::is_same_v<Storage, Scalar>) {
+    expect_same_outputs(fused, separate);
+  } else {
+    // The separate kernels round grad_x to bfloat16 twice, the fused pass once.
+    const double ulp = storage_epsilon<Storage>();
+    for (Eigen::Index k = 0; k < fused.grad_x.size(); ++k) {
+      const double expected = double(separate.grad_x.data()[k]);
+      EXPECT_NEAR(double(fused.grad_x.data()[k]), expected, 2 * ulp * std::max(1.0, std::abs(expected)))
+          << "grad_x entry " << k;
+    }
+    EXPECT_EQ(fused.grad_parameters.phi, separate.grad_parameters.phi);
+    EXPECT_EQ(fused.grad_parameters.bias, separate.grad_parameters.bias);
+  }
+}
+
+TEST(FusedCoefficientsBackwardErrors, RejectsMismatchedProjections) {
+  const auto parameters = random_parameters<float>(3, 5, 701);
+  const RowMatrix<float> x = random_state<float>(4, 15, 702);
+  const RowMatrix<float> grad_input = random_state<float>(4, 5, 703);
+  const auto grad = random_coefficient_gradients<float>(3, 4, 704);
+  mhc::fused::Workspace<float, float> workspace;
+  mhc::Coefficients<float> coefficients;
+  mhc::fused::Projections<float> projections;
+  RowMatrix<float> input(4, 5);
+  mhc::fused::prepare_branch(parameters, x, coefficients, projections, input, workspace);
+  RowMatrix<float> grad_x(4, 15);
+  mhc::Parameters<float> grad_parameters;
+
+  mhc::fused::Projections<float> short_values = projections;
+  short_values.values.conservativeResize(3, Eigen::NoChange);
+  try {
+    mhc::fused::coefficients_backward(parameters, x, short_values, grad.pre, grad.post, grad.res, grad_x,
+                                      grad_parameters, workspace);
+    FAIL() << "expected std::invalid_argument";
+  } catch (const std::invalid_argument& error) {
+    EXPECT_EQ(std::string(error.what()),
+              "mhc::fused::coefficients_backward: invalid projections.values: expected shape 4 x 15, got 3 x 15");
+  }
+  mhc::fused::Projections<float> short_rms = projections;
+  short_rms.inverse_rms.conservativeResize(2);
+  try {
+    mhc::fused::prepare_branch_backward(parameters, x, short_rms, coefficients, grad_input, grad.post, grad.res,
+                                        grad_x, grad_parameters, workspace);
+    FAIL() << "expected std::invalid_argument";
+  } catch (const std::invalid_argument& error) {
+    EXPECT_EQ(std::string(error.what()),
+              "mhc::fused::prepare_branch_backward: invalid projections.inverse_rms: expected 4 values, got 2 values");
+  }
+}
+
+TEST(FusedCoefficientsBackwardErrors, PrepareBackwardRejectsOverlappingInput) {
+  const auto parameters = random_parameters<float>(1, 6, 711);
+  const RowMatrix<float> x = random_state<float>(4, 6, 712);
+  const auto grad = random_coefficient_gradients<float>(1, 4, 713);
+  mhc::fused::Workspace<float, float> workspace;
+  mhc::Coefficients<float> coefficients;
+  RowMatrix<float> input(4, 6);
+  mhc::fused::prepare_branch(parameters, x, coefficients, input, workspace);
+  mhc::Parameters<float> grad_parameters;
+  // With n = 1 the branch input has the shape of grad_x, so one buffer can be passed as both.
+  RowMatrix<float> shared = random_state<float>(4, 6, 714);
+  EXPECT_THROW(mhc::fused::prepare_branch_backward(parameters, x, coefficients, shared, grad.post, grad.res, shared,
+                                                   grad_parameters, workspace),
+               std::invalid_argument);
+}
+
+// Every fused kernel that reads x to compute 1/r rejects a NaN or infinite entry, naming its
+// position as mhc::compute_coefficients does.
+TEST(FusedNonFinite, KernelsNameFirstBadEntry) {
+  const auto parameters = random_parameters<float>(2, 20, 801);
+  RowMatrix<float> x = random_state<float>(40, 40, 802);
+  x(37, 3) = std::numeric_limits<float>::infinity();
+  x(21, 30) = std::numeric_limits<float>::quiet_NaN();
+  const RowMatrix<float> grad_input = random_state<float>(40, 20, 803);
+  const auto grad = random_coefficient_gradients<float>(2, 40, 804);
+  mhc::ThreadPool pool(2);
+  mhc::fused::Workspace<float, float> workspace(&pool);
+  mhc::Coefficients<float> coefficients;
+  RowMatrix<float> input(40, 20);
+  RowMatrix<float> grad_x(40, 40);
+  mhc::Parameters<float> grad_parameters;
+  const std::string position = "got nan at (21, 30)";
+
+  try {
+    mhc::fused::prepare_branch(parameters, x, coefficients, input, workspace);
+    FAIL() << "expected std::invalid_argument";
+  } catch (const std::invalid_argument& error) {
+    EXPECT_EQ(std::string(error.what()),
+              "mhc::fused::prepare_branch: invalid x: expected finite entries, " + position);
+  }
+  try {
+    mhc::fused::coefficients_backward(parameters, x, grad.pre, grad.post, grad.res, grad_x, grad_parameters,
+                                      workspace);
+    FAIL() << "expected std::invalid_argument";
+  } catch (const std::invalid_argument& error) {
+    EXPECT_EQ(std::string(error.what()),
+              "mhc::fused::coefficients_backward: invalid x: expected finite entries, " + position);
+  }
+  coefficients.pre = RowMatrix<float>::Constant(40, 2, 0.5f);
+  coefficients.post = RowMatrix<float>::Constant(40, 2, 1.0f);
+  coefficients.res = RowMatrix<float>::Constant(40, 4, 0.5f);
+  try {
+    mhc::fused::prepare_branch_backward(parameters, x, coefficients, grad_input, grad.post, grad.res, grad_x,
+                                        grad_parameters, workspace);
+    FAIL() << "expected std::invalid_argument";
+  } catch (const std::invalid_argument& error) {
+    EXPECT_EQ(std::string(error.what()),
+              "mhc::fused::prepare_branch_backward: invalid x: expected finite entries, " + position);
+  }
+}
+
+// Float rows with entries above about 1e18 overflow a float sum of squares. The kernels then
+// compute 1/r in double, as the reference kernels always do, and must agree with them.
+TEST(FusedNonFinite, HugeFloatRowsKeepFiniteCoefficients) {
+  const auto parameters = random_parameters<float>(4, 8, 811);
+  const RowMatrix<float> x = (random_state<double>(5, 32, 812) * 1e25).cast<float>();
+  mhc::fused::Workspace<float, float> workspace;
+  mhc::Coefficients<float> coefficients;
+  RowMatrix<float> input(5, 8);
+  mhc::fused::prepare_branch(parameters, x, coefficients, input, workspace);
+  const mhc::Coefficients<float> expected = mhc::compute_coefficients(parameters, x);
+  ASSERT_TRUE(coefficients.pre.allFinite());
+  ASSERT_TRUE(coefficients.res.allFinite());
+  const double bound = tolerance<float>(32.0 * 24.0);
+  EXPECT_TRUE(coefficients.pre.isApprox(expected.pre, float(bound)));
+  EXPECT_TRUE(coefficients.post.isApprox(expected.post, float(bound)));
+  EXPECT_TRUE(coefficients.res.isApprox(expected.res, float(bound)));
+
+  const auto grad = random_coefficient_gradients<float>(4, 5, 813);
+  RowMatrix<float> grad_x(5, 32);
+  mhc::Parameters<float> grad_parameters;
+  mhc::fused::coefficients_backward(parameters, x, grad.pre, grad.post, grad.res, grad_x, grad_parameters, workspace);
+  EXPECT_TRUE(grad_x.allFinite());
+  EXPECT_TRUE(grad_parameters.phi.allFinite());
 }
 
 }  // namespace

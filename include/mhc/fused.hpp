@@ -53,6 +53,7 @@
 #include <Eigen/Core>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <functional>
 #include <optional>
@@ -64,6 +65,22 @@ namespace mhc::fused {
 
 // Tokens per task. Fixed, so the split of work never depends on the number of threads.
 constexpr Eigen::Index kChunkTokens = 16;
+
+// Choice between overwriting grad_x and adding to it, for the backward kernels.
+enum class GradientWrite {
+  kOverwrite,  // grad_x = this kernel's share
+  kAdd,        // grad_x += this kernel's share, to sum the paths of x through one layer
+};
+
+// Values of the forward pass that the coefficient backward otherwise recomputes from x: per token
+// the projection vec(x) phi (before the scale alpha / r) and 1/r. Keeping them costs
+// T * (n*n + 2n + 1) values and saves fused::coefficients_backward one of its three products
+// with phi.
+template <typename Scalar>
+struct Projections {
+  RowMatrix<Scalar> values;                              // T x (n*n + 2n), columns [pre | post | res]
+  Eigen::Matrix<Scalar, Eigen::Dynamic, 1> inverse_rms;  // T values of 1/r
+};
 
 // Scratch memory and the thread pool of the fused kernels, reused across calls.
 //
@@ -93,6 +110,9 @@ class Workspace {
   // Packed copy of phi, `size` values.
   Scalar* projection_buffer(Eigen::Index size) { return grow(projection_, size); }
 
+  // Copy of phi^T for the coefficient backward, `size` values.
+  Scalar* transposed_buffer(Eigen::Index size) { return grow(transposed_, size); }
+
   // Makes room for per-worker buffers of `size` values for every thread of the pool. The kernels
   // call it before a parallel run, so worker_buffer() never allocates.
   void reserve_worker_buffers(Eigen::Index size) {
@@ -115,9 +135,6 @@ class Workspace {
   RowMatrix<Storage> branch_input;
   Coefficients<Scalar> coefficients;
 
-  // Gradient of H_pre (T x n) for fused::prepare_branch_backward.
-  RowMatrix<Scalar> grad_pre;
-
  private:
   static Scalar* grow(Buffer& buffer, Eigen::Index size) {
     if (buffer.size() < static_cast<std::size_t>(size)) buffer.resize(static_cast<std::size_t>(size));
@@ -126,6 +143,7 @@ class Workspace {
 
   ThreadPool* pool_ = nullptr;
   Buffer projection_;
+  Buffer transposed_;
   Buffer gradients_;
   std::vector<Buffer> workers_;
 };
@@ -179,6 +197,38 @@ inline void check_sinkhorn_options(const char* function, const SinkhornOptions& 
   }
 }
 
+// Lowest index of a token whose row of x has a NaN or infinite entry, shared by the tasks of one
+// call. The kernels detect such rows from their sum of squares, which they compute anyway, and
+// throw after the parallel run because a task must not throw.
+class NonFiniteRows {
+ public:
+  explicit NonFiniteRows(Index tokens) : none_(tokens), first_(tokens) {}
+
+  void record(Index token) {
+    Index current = first_.load(std::memory_order_relaxed);
+    while (token < current && !first_.compare_exchange_weak(current, token, std::memory_order_relaxed)) {
+    }
+  }
+
+  // Throws std::invalid_argument naming the first non-finite entry of x, if a task recorded one.
+  template <typename Matrix>
+  void throw_if_recorded(const char* function, const Matrix& x) const {
+    const Index token = first_.load(std::memory_order_relaxed);
+    if (token == none_) return;
+    for (Index column = 0; column < x.cols(); ++column) {
+      const double value = static_cast<double>(x(token, column));
+      if (!std::isfinite(value)) {
+        mhc::detail::throw_invalid_argument(function, "x", "finite entries",
+                                            mhc::detail::concat(value, " at (", token, ", ", column, ")"));
+      }
+    }
+  }
+
+ private:
+  Index none_;
+  std::atomic<Index> first_;
+};
+
 // Calls body(std::integral_constant<int, N>) with N = streams for the stream counts that have a
 // fixed-size path (2, 4 and 8) and N = 0 (run-time count) otherwise.
 template <typename Body>
@@ -194,7 +244,8 @@ void dispatch_streams(int streams, Body&& body) {
 template <int N, typename Storage, typename Scalar>
 void prepare_branch_tokens(const Parameters<Scalar>& parameters, const ConstRowMatrixRef<Storage>& x,
                            Coefficients<Scalar>& coefficients, RowMatrixRef<Storage>& branch_input,
-                           Workspace<Storage, Scalar>& workspace, const Options& options) {
+                           Projections<Scalar>* kept, Workspace<Storage, Scalar>& workspace, const Options& options,
+                           NonFiniteRows& non_finite) {
   namespace kernels = mhc::detail::fused;
   constexpr bool kConvert = !std::is_same_v<Storage, Scalar>;
   const int n = parameters.streams;
@@ -213,7 +264,7 @@ void prepare_branch_tokens(const Parameters<Scalar>& parameters, const ConstRowM
   rule.alpha_pre = parameters.alpha_pre;
   rule.alpha_post = parameters.alpha_post;
   rule.alpha_res = parameters.alpha_res;
-  rule.rms_epsilon = static_cast<Scalar>(options.rms_epsilon);
+  rule.rms_epsilon = options.rms_epsilon;
   rule.width = width;
   rule.sinkhorn = options.sinkhorn;
 
@@ -253,8 +304,13 @@ void prepare_branch_tokens(const Parameters<Scalar>& parameters, const ConstRowM
         Scalar* pre = coefficients.pre.data() + t * n;
         Scalar* post = coefficients.post.data() + t * n;
         Scalar* res = coefficients.res.data() + t * n * n;
-        const Scalar squares = kernels::sum_of_squares(rows[r], width);
-        kernels::token_coefficients<N>(projections + r * padded, squares, n, rule, pre, post, res);
+        const Scalar inverse_r = kernels::token_inverse_rms(rows[r], width, rule.rms_epsilon);
+        if (std::isnan(inverse_r)) non_finite.record(t);
+        if (kept != nullptr) {
+          std::copy(projections + r * padded, projections + r * padded + count, kept->values.data() + t * count);
+          kept->inverse_rms(t) = inverse_r;
+        }
+        kernels::token_coefficients<N>(projections + r * padded, inverse_r, n, rule, pre, post, res);
         if constexpr (kConvert) {
           kernels::aggregate_row<N>(rows[r], n, channels, pre, converted_input);
           kernels::convert_row(converted_input, channels, row_pointer<Storage>(branch_input, t));
@@ -426,31 +482,53 @@ void check_coefficients_backward(const char* function, const Parameters<Scalar>&
   }
 }
 
-// Rows of grad phi per task and tokens per product step of coefficient_parameter_gradient.
-// Both are fixed, so the order of every sum is independent of the number of threads.
-constexpr Index kPhiGradientRows = 64;
-constexpr Index kPhiGradientTokens = 256;
+// Buffers of one coefficient backward call, shared by its tasks.
+template <typename Scalar>
+struct BackwardBuffers {
+  mhc::detail::fused::ProjectionLayout layout;
+  const Scalar* packed = nullptr;      // phi packed for the projection (unused with kept projections)
+  const Scalar* transposed = nullptr;  // phi^T, packed by pack_transposed
+  Scalar* grad_projections = nullptr;  // T x layout.padded, zero beyond column M
+  Scalar* partials = nullptr;          // chunks x (M + 3): bias and alpha gradients per chunk
+};
 
-// Pass 1 of the coefficient backward. For each chunk of tokens it recomputes the projections
-// x phi (an Eigen product on the chunk) and 1/r. It backpropagates through the sigmoids, the
-// Sinkhorn-Knopp rounds and the scale alpha / r, then writes (or adds) the chunk's rows of grad_x.
-// It stores the gradient of the projections in `grad_projections` (T x M) and, per chunk, the
-// partial sums of the bias gradient and of the three alpha gradients in `partials`
-// (chunks x (M + 3)).
+// The aggregation h_in = H_pre x, whose backward fused::prepare_branch_backward runs in the first
+// pass of the coefficient backward.
+template <typename Storage, typename Scalar>
+struct AggregationBackward {
+  const Coefficients<Scalar>* coefficients = nullptr;              // of the forward pass
+  const ConstRowMatrixRef<Storage>* grad_branch_input = nullptr;  // dL/dh_in, T x C
+};
+
+// Rows of grad phi per task and tokens per step of coefficient_parameter_gradient. Both are
+// fixed, so the order of every sum is independent of the number of threads.
+constexpr Index kPhiGradientRows = 256;
+constexpr Index kPhiGradientTokens = 128;
+
+// Pass 1 of the coefficient backward, over chunks of kChunkTokens tokens in groups of
+// kGroupTokens. Per token it takes the projections x phi and 1/r from `kept`, or recomputes
+// them, and backpropagates through the sigmoids, the Sinkhorn-Knopp rounds and the scale
+// alpha / r into the gradient of the projections, stored in buffers.grad_projections. Per group
+// it writes (or adds) the rows of grad_x, dP phi^T plus the term of 1/r, and per chunk it stores
+// the partial sums of the bias and alpha gradients in buffers.partials.
+// With `aggregation`, each token first runs the aggregation's backward on its row, which is then
+// in cache: that writes (or adds) H_pre[i] dh_in to stream i of grad_x and yields the token's
+// dL/dH_pre, so `grad_pre` is unused (null). Without it, `grad_pre` gives dL/dH_pre.
 template <bool kAccumulate, typename Storage, typename Scalar>
 void coefficients_backward_tokens(const Parameters<Scalar>& parameters, const ConstRowMatrixRef<Storage>& x,
-                                  const ConstRowMatrixRef<Scalar>& grad_pre,
-                                  const ConstRowMatrixRef<Scalar>& grad_post,
+                                  const Projections<Scalar>* kept,
+                                  const AggregationBackward<Storage, Scalar>* aggregation,
+                                  const ConstRowMatrixRef<Scalar>* grad_pre, const ConstRowMatrixRef<Scalar>& grad_post,
                                   const ConstRowMatrixRef<Scalar>& grad_res, RowMatrixRef<Storage>& grad_x,
-                                  Scalar* grad_projections, Scalar* partials, Workspace<Storage, Scalar>& workspace,
-                                  const Options& options) {
+                                  const BackwardBuffers<Scalar>& buffers, NonFiniteRows& non_finite,
+                                  Workspace<Storage, Scalar>& workspace, const Options& options) {
   namespace kernels = mhc::detail::fused;
-  using ConstRowsMap = Eigen::Map<const RowMatrix<Scalar>, 0, Eigen::OuterStride<>>;
-  using RowsMap = Eigen::Map<RowMatrix<Scalar>>;
   constexpr bool kConvert = !std::is_same_v<Storage, Scalar>;
+  constexpr int G = kernels::kGroupTokens;
   const int n = parameters.streams;
   const Index width = x.cols();
   const Index count = parameters.coefficient_count();
+  const Index padded = buffers.layout.padded;
   const Index tokens = x.rows();
 
   kernels::CoefficientRule<Scalar> rule;
@@ -458,146 +536,305 @@ void coefficients_backward_tokens(const Parameters<Scalar>& parameters, const Co
   rule.alpha_pre = parameters.alpha_pre;
   rule.alpha_post = parameters.alpha_post;
   rule.alpha_res = parameters.alpha_res;
-  rule.rms_epsilon = static_cast<Scalar>(options.rms_epsilon);
+  rule.rms_epsilon = options.rms_epsilon;
   rule.width = width;
   rule.sinkhorn = options.sinkhorn;
   const Scalar alpha[3] = {parameters.alpha_pre, parameters.alpha_post, parameters.alpha_res};
   const Index block_begin[4] = {0, n, 2 * n, count};
 
-  // Per worker: the chunk's rows of x in Scalar (storage conversion only), its projections, its
-  // rows of grad_x in Scalar and the Sinkhorn scratch.
-  const Index row_values = kChunkTokens * width;
-  const Index projection_values = kChunkTokens * count;
+  const Index channels = parameters.channels;
+
+  // Per worker: the group's rows of x and of grad_x in Scalar (storage conversion only), the
+  // group's projections, a zero projection gradient and a spare output row for the unused slots
+  // of a partial group, the Sinkhorn scratch, then for the aggregation the group's dL/dH_pre and
+  // one row of dL/dh_in in Scalar.
+  const Index row_values = kConvert ? G * width : 0;
   const Index scratch_values = kernels::logit_gradient_scratch_size(n, options.sinkhorn);
-  workspace.reserve_worker_buffers(2 * row_values + projection_values + scratch_values);
+  const Index aggregation_values = aggregation != nullptr ? G * n + channels : 0;
+  workspace.reserve_worker_buffers(2 * row_values + G * padded + padded + width + scratch_values +
+                                   aggregation_values);
 
   const bool implicit = options.sinkhorn.gradient == SinkhornGradient::implicit;
   const Index chunks = (tokens + kChunkTokens - 1) / kChunkTokens;
   mhc::detail::run_tasks(workspace.thread_pool(), chunks, [&](Index chunk, int worker) {
     Scalar* converted_rows = workspace.worker_buffer(worker);
-    Scalar* projection_data = converted_rows + row_values;
-    Scalar* grad_row_data = projection_data + projection_values;
-    Scalar* scratch = grad_row_data + row_values;
+    Scalar* converted_gradients = converted_rows + row_values;
+    Scalar* projection_data = converted_gradients + row_values;
+    Scalar* zero_gradient = projection_data + G * padded;
+    Scalar* spare_row = zero_gradient + padded;
+    Scalar* scratch = spare_row + width;
+    Scalar* aggregated_pre = scratch + scratch_values;
+    Scalar* converted_input = aggregated_pre + G * n;
     // NOTE: the implicit gradient allocates its solver's buffers once per chunk.
     std::optional<mhc::detail::ImplicitGradientSolver<Scalar>> solver;
     if (implicit) solver.emplace(n);
 
-    const Index first = chunk * kChunkTokens;
-    const Index rows = std::min(tokens, first + kChunkTokens) - first;
-    const Scalar* x_data = nullptr;
-    Index x_stride = width;
-    if constexpr (kConvert) {
-      for (Index r = 0; r < rows; ++r) {
-        kernels::convert_row(row_pointer<Storage>(x, first + r), width, converted_rows + r * width);
-      }
-      x_data = converted_rows;
-    } else {
-      x_data = row_pointer<Storage>(x, first);
-      x_stride = x.outerStride();
-    }
-    const ConstRowsMap chunk_x(x_data, rows, width, Eigen::OuterStride<>(x_stride));
-    RowsMap projections(projection_data, rows, count);
-    projections.noalias() = chunk_x * parameters.phi;
-
-    // Token by token, logit k = alpha * projection_k / r + bias_k: the gradient of projection k
-    // is alpha / r times the logit's, and 1/r collects alpha * projection_k times the logit's.
-    RowsMap chunk_grad_projections(grad_projections + first * count, rows, count);
-    Scalar* partial = partials + chunk * (count + 3);
+    Scalar* partial = buffers.partials + chunk * (count + 3);
     std::fill(partial, partial + count + 3, Scalar(0));
-    Scalar rms_factors[kChunkTokens];
-    for (Index r = 0; r < rows; ++r) {
-      const Index t = first + r;
-      const Scalar inverse_r =
-          Scalar(1) / std::sqrt(kernels::sum_of_squares(x_data + r * x_stride, width) / static_cast<Scalar>(width) +
-                                rule.rms_epsilon);
-      Scalar* grad_logits = &chunk_grad_projections(r, 0);
-      kernels::token_logit_gradient(projection_data + r * count, inverse_r, row_pointer<Scalar>(grad_pre, t),
-                                    row_pointer<Scalar>(grad_post, t), row_pointer<Scalar>(grad_res, t), n, rule,
-                                    scratch, solver ? &*solver : nullptr, grad_logits);
-
-      Scalar grad_inverse_r(0);
-      for (int block = 0; block < 3; ++block) {
-        Scalar grad_alpha(0);
-        for (Index k = block_begin[block]; k < block_begin[block + 1]; ++k) {
-          partial[k] += grad_logits[k];
-          grad_alpha += grad_logits[k] * projections(r, k) * inverse_r;
-          grad_inverse_r += grad_logits[k] * alpha[block] * projections(r, k);
-          grad_logits[k] *= alpha[block] * inverse_r;
-        }
-        partial[count + block] += grad_alpha;
-      }
-      // 1/r = (mean(v^2) + epsilon)^(-1/2) of the token row v has the derivative
-      // -(1/r)^3 v / (n*C).
-      rms_factors[r] = -grad_inverse_r * inverse_r * inverse_r * inverse_r / static_cast<Scalar>(width);
-    }
-
-    // grad_x rows = dP phi^T + rms_factor * x, through the projection and then through 1/r.
-    RowsMap grad_rows(grad_row_data, rows, width);
-    grad_rows.noalias() = chunk_grad_projections * parameters.phi.transpose();
-    for (Index r = 0; r < rows; ++r) {
-      grad_rows.row(r) += rms_factors[r] * chunk_x.row(r);
-      Storage* target = row_pointer<Storage>(grad_x, first + r);
-      if constexpr (kConvert) {
-        // The converted row r of x is no longer needed, so it receives the old gradient row.
-        Scalar* old_gradient = converted_rows + r * width;
-        if constexpr (kAccumulate) {
-          kernels::convert_row(target, width, old_gradient);
-          for (Index k = 0; k < width; ++k) grad_rows(r, k) += old_gradient[k];
-        }
-        kernels::convert_row(&grad_rows(r, 0), width, target);
-      } else {
-        Eigen::Map<RowVector<Scalar>> target_row(target, width);
-        if constexpr (kAccumulate) {
-          target_row += grad_rows.row(r);
+    const Index chunk_end = std::min(tokens, (chunk + 1) * kChunkTokens);
+    for (Index first = chunk * kChunkTokens; first < chunk_end; first += G) {
+      const int group = static_cast<int>(std::min<Index>(G, chunk_end - first));
+      const Scalar* rows[G];
+      const Scalar* gradients[G];
+      Scalar* outputs[G];
+      Scalar scales[G];
+      for (int r = 0; r < group; ++r) {
+        if constexpr (kConvert) {
+          Scalar* row = converted_rows + r * width;
+          kernels::convert_row(row_pointer<Storage>(x, first + r), width, row);
+          rows[r] = row;
         } else {
-          target_row = grad_rows.row(r);
+          rows[r] = row_pointer<Storage>(x, first + r);
         }
+      }
+      for (int r = group; r < G; ++r) rows[r] = rows[0];
+      if (kept == nullptr) kernels::project_group(rows, buffers.layout, buffers.packed, projection_data);
+
+      for (int r = 0; r < group; ++r) {
+        const Index t = first + r;
+        if constexpr (kConvert) {
+          outputs[r] = converted_gradients + r * width;
+          if constexpr (kAccumulate) kernels::convert_row(row_pointer<Storage>(grad_x, t), width, outputs[r]);
+        } else {
+          outputs[r] = row_pointer<Storage>(grad_x, t);
+        }
+        const Scalar* token_grad_pre = nullptr;
+        if (aggregation != nullptr) {
+          const Scalar* input_gradient = nullptr;
+          if constexpr (kConvert) {
+            kernels::convert_row(row_pointer<Storage>(*aggregation->grad_branch_input, t), channels, converted_input);
+            input_gradient = converted_input;
+          } else {
+            input_gradient = row_pointer<Storage>(*aggregation->grad_branch_input, t);
+          }
+          Scalar* pre_gradient = aggregated_pre + r * n;
+          kernels::aggregate_row_backward<0, kAccumulate>(rows[r], n, channels,
+                                                          aggregation->coefficients->pre.data() + t * n,
+                                                          input_gradient, outputs[r], pre_gradient);
+          token_grad_pre = pre_gradient;
+        } else {
+          token_grad_pre = row_pointer<Scalar>(*grad_pre, t);
+        }
+
+        const Scalar* projection = projection_data + r * padded;
+        Scalar inverse_r(0);
+        if (kept != nullptr) {
+          projection = kept->values.data() + t * count;
+          inverse_r = kept->inverse_rms(t);
+        } else {
+          inverse_r = kernels::token_inverse_rms(rows[r], width, rule.rms_epsilon);
+          if (std::isnan(inverse_r)) non_finite.record(t);
+        }
+        Scalar* grad_logits = buffers.grad_projections + t * padded;
+        kernels::token_logit_gradient(projection, inverse_r, token_grad_pre,
+                                      row_pointer<Scalar>(grad_post, t), row_pointer<Scalar>(grad_res, t), n, rule,
+                                      scratch, solver ? &*solver : nullptr, grad_logits);
+        std::fill(grad_logits + count, grad_logits + padded, Scalar(0));
+
+        // Logit k = alpha * projection_k / r + bias_k: the gradient of projection k is alpha / r
+        // times the logit's, and 1/r collects alpha * projection_k times the logit's.
+        Scalar grad_inverse_r(0);
+        for (int block = 0; block < 3; ++block) {
+          Scalar grad_alpha(0);
+          for (Index k = block_begin[block]; k < block_begin[block + 1]; ++k) {
+            partial[k] += grad_logits[k];
+            grad_alpha += grad_logits[k] * projection[k] * inverse_r;
+            grad_inverse_r += grad_logits[k] * alpha[block] * projection[k];
+            grad_logits[k] *= alpha[block] * inverse_r;
+          }
+          partial[count + block] += grad_alpha;
+        }
+        // 1/r = (mean(v^2) + epsilon)^(-1/2) of the token row v has the derivative
+        // -(1/r)^3 v / (n*C), so this token's row of grad_x gains scales[r] * v.
+        scales[r] = -grad_inverse_r * inverse_r * inverse_r * inverse_r / static_cast<Scalar>(width);
+        gradients[r] = grad_logits;
+      }
+      if (group < G) {
+        std::fill(zero_gradient, zero_gradient + padded, Scalar(0));
+        std::fill(spare_row, spare_row + width, Scalar(0));
+      }
+      for (int r = group; r < G; ++r) {
+        gradients[r] = zero_gradient;
+        scales[r] = Scalar(0);
+        outputs[r] = spare_row;
+      }
+
+      // After the aggregation's share, the outputs hold values to add to even when overwriting.
+      if (kAccumulate || aggregation != nullptr) {
+        kernels::backproject_group<true>(gradients, count, buffers.transposed, width, rows, scales, outputs);
+      } else {
+        kernels::backproject_group<false>(gradients, count, buffers.transposed, width, rows, scales, outputs);
+      }
+      if constexpr (kConvert) {
+        for (int r = 0; r < group; ++r) kernels::convert_row(outputs[r], width, row_pointer<Storage>(grad_x, first + r));
       }
     }
   });
 }
 
 // Pass 2 of the coefficient backward: grad_phi = x^T grad_projections (K x M). Each task owns
-// kPhiGradientRows rows of grad_phi and sums over the tokens in fixed steps, so no partial sums
-// of grad_phi are stored: per chunk of 16 tokens they would be M / 16 times the size of x.
+// kPhiGradientRows rows of grad_phi and adds the tokens to them in steps of kPhiGradientTokens,
+// packing each step's block of x first. Every entry adds its tokens in order, so no partial sums
+// of grad_phi are stored (per chunk of 16 tokens they would be M / 16 times the size of x), and
+// the result does not depend on the number of threads.
 template <typename Storage, typename Scalar>
-void coefficient_parameter_gradient(const ConstRowMatrixRef<Storage>& x, const Scalar* grad_projections,
+void coefficient_parameter_gradient(const ConstRowMatrixRef<Storage>& x, const BackwardBuffers<Scalar>& buffers,
                                     RowMatrix<Scalar>& grad_phi, Workspace<Storage, Scalar>& workspace) {
   namespace kernels = mhc::detail::fused;
-  using ConstRowsMap = Eigen::Map<const RowMatrix<Scalar>, 0, Eigen::OuterStride<>>;
-  constexpr bool kConvert = !std::is_same_v<Storage, Scalar>;
   const Index width = x.cols();
   const Index tokens = x.rows();
   const Index count = grad_phi.cols();
-  const Eigen::Map<const RowMatrix<Scalar>> all_grad_projections(grad_projections, tokens, count);
+  const Index padded = buffers.layout.padded;
 
-  // Per worker (storage conversion only): a kPhiGradientTokens x kPhiGradientRows block of x.
-  workspace.reserve_worker_buffers(kConvert ? kPhiGradientTokens * kPhiGradientRows : 0);
+  // Per worker: one step of the block of x, packed, and the block's rows of grad_phi padded to
+  // whole packets.
+  const Index block_values = kPhiGradientTokens * kPhiGradientRows;
+  workspace.reserve_worker_buffers(block_values + kPhiGradientRows * padded);
 
   const Index blocks = (width + kPhiGradientRows - 1) / kPhiGradientRows;
   mhc::detail::run_tasks(workspace.thread_pool(), blocks, [&](Index block, int worker) {
+    Scalar* packed_x = workspace.worker_buffer(worker);
+    Scalar* sums = packed_x + block_values;
     const Index begin = block * kPhiGradientRows;
-    const Index columns = std::min(width, begin + kPhiGradientRows) - begin;
-    auto grad_rows = grad_phi.middleRows(begin, columns);
-    grad_rows.setZero();
+    const Index rows = std::min(width, begin + kPhiGradientRows) - begin;
+    std::fill(sums, sums + rows * padded, Scalar(0));
     for (Index first = 0; first < tokens; first += kPhiGradientTokens) {
-      const Index rows = std::min(tokens, first + kPhiGradientTokens) - first;
-      const Scalar* x_data = nullptr;
-      Index x_stride = columns;
-      if constexpr (kConvert) {
-        Scalar* converted = workspace.worker_buffer(worker);
-        for (Index r = 0; r < rows; ++r) {
-          kernels::convert_row(row_pointer<Storage>(x, first + r) + begin, columns, converted + r * columns);
-        }
-        x_data = converted;
-      } else {
-        x_data = row_pointer<Storage>(x, first) + begin;
-        x_stride = x.outerStride();
-      }
-      const ConstRowsMap x_block(x_data, rows, columns, Eigen::OuterStride<>(x_stride));
-      grad_rows.noalias() += x_block.transpose() * all_grad_projections.middleRows(first, rows);
+      const Index step = std::min(tokens, first + kPhiGradientTokens) - first;
+      kernels::pack_gradient_block(row_pointer<Storage>(x, first) + begin, x.outerStride(), step, rows, packed_x);
+      kernels::accumulate_phi_gradient(packed_x, rows, step, buffers.grad_projections + first * padded, buffers.layout,
+                                       sums);
+    }
+    for (Index i = 0; i < rows; ++i) {
+      grad_phi.row(begin + i) = Eigen::Map<const RowVector<Scalar>>(sums + i * padded, count);
     }
   });
+}
+
+// The coefficient backward behind the overloads of fused::coefficients_backward and
+// fused::prepare_branch_backward. `kept` is null when the projections are to be recomputed from
+// x, and `aggregation` null when grad_pre is given instead (see coefficients_backward_tokens).
+template <typename Storage, typename Scalar>
+void coefficients_backward(const char* function, const Parameters<Scalar>& parameters,
+                           const ConstRowMatrixRef<Storage>& x, const Projections<Scalar>* kept,
+                           const AggregationBackward<Storage, Scalar>* aggregation,
+                           const ConstRowMatrixRef<Scalar>* grad_pre, const ConstRowMatrixRef<Scalar>& grad_post,
+                           const ConstRowMatrixRef<Scalar>& grad_res, RowMatrixRef<Storage>& grad_x,
+                           Parameters<Scalar>& grad_parameters, Workspace<Storage, Scalar>& workspace,
+                           const Options& options, GradientWrite write) {
+  namespace kernels = mhc::detail::fused;
+  const Index tokens = x.rows();
+  const Index width = x.cols();
+  const Index count = parameters.coefficient_count();
+  grad_parameters.streams = parameters.streams;
+  grad_parameters.channels = parameters.channels;
+  grad_parameters.phi.resize(width, count);
+  grad_parameters.bias.resize(count);
+  if (tokens == 0) {
+    grad_parameters.phi.setZero();
+    grad_parameters.bias.setZero();
+    grad_parameters.alpha_pre = grad_parameters.alpha_post = grad_parameters.alpha_res = Scalar(0);
+    return;
+  }
+
+  BackwardBuffers<Scalar> buffers;
+  buffers.layout = kernels::projection_layout<Scalar>(width, count);
+  if (kept == nullptr) {
+    Scalar* packed = workspace.projection_buffer(buffers.layout.packed_size());
+    kernels::pack_projection(parameters.phi, buffers.layout, packed);
+    buffers.packed = packed;
+  }
+  Scalar* transposed = workspace.transposed_buffer(count * width);
+  kernels::pack_transposed(parameters.phi, transposed);
+  buffers.transposed = transposed;
+  const Index chunks = (tokens + kChunkTokens - 1) / kChunkTokens;
+  buffers.grad_projections = workspace.gradient_buffer(tokens * buffers.layout.padded + chunks * (count + 3));
+  buffers.partials = buffers.grad_projections + tokens * buffers.layout.padded;
+
+  NonFiniteRows non_finite(tokens);
+  if (write == GradientWrite::kAdd) {
+    coefficients_backward_tokens<true>(parameters, x, kept, aggregation, grad_pre, grad_post, grad_res, grad_x,
+                                       buffers, non_finite, workspace, options);
+  } else {
+    coefficients_backward_tokens<false>(parameters, x, kept, aggregation, grad_pre, grad_post, grad_res, grad_x,
+                                        buffers, non_finite, workspace, options);
+  }
+  non_finite.throw_if_recorded(function, x);
+
+  // Partial sums in chunk order: bias gradient (count values), then alpha_pre, alpha_post, alpha_res.
+  const Eigen::Map<const RowMatrix<Scalar>> chunk_partials(buffers.partials, chunks, count + 3);
+  RowVector<Scalar> totals = chunk_partials.row(0);
+  for (Index chunk = 1; chunk < chunks; ++chunk) totals += chunk_partials.row(chunk);
+  grad_parameters.bias = totals.head(count);
+  grad_parameters.alpha_pre = totals(count);
+  grad_parameters.alpha_post = totals(count + 1);
+  grad_parameters.alpha_res = totals(count + 2);
+
+  coefficient_parameter_gradient(x, buffers, grad_parameters.phi, workspace);
+}
+
+template <typename Scalar>
+void check_projections(const char* function, const Projections<Scalar>& projections, Index tokens, Index count) {
+  mhc::detail::check_shape(function, "projections.values", projections.values, tokens, count);
+  if (projections.inverse_rms.size() != tokens) {
+    mhc::detail::throw_invalid_argument(function, "projections.inverse_rms", mhc::detail::concat(tokens, " values"),
+                                        mhc::detail::concat(projections.inverse_rms.size(), " values"));
+  }
+}
+
+// The forward pass before the branch behind both overloads of fused::prepare_branch; `kept` is
+// null when the projections are not kept.
+template <typename Storage, typename Scalar>
+void prepare_branch(const char* function, const Parameters<Scalar>& parameters, const ConstRowMatrixRef<Storage>& x,
+                    Coefficients<Scalar>& coefficients, Projections<Scalar>* kept, RowMatrixRef<Storage>& branch_input,
+                    Workspace<Storage, Scalar>& workspace, const Options& options) {
+  mhc::detail::check_parameters(function, parameters);
+  mhc::detail::check_options(function, options);
+  check_sinkhorn_options(function, options.sinkhorn);
+  mhc::detail::check_state(function, "x", x, parameters.streams, parameters.channels);
+  mhc::detail::check_shape(function, "branch_input", branch_input, x.rows(), parameters.channels);
+  check_no_overlap(function, "branch_input", "x", branch_input, x);
+
+  const int n = parameters.streams;
+  coefficients.pre.resize(x.rows(), n);
+  coefficients.post.resize(x.rows(), n);
+  coefficients.res.resize(x.rows(), n * n);
+  if (kept != nullptr) {
+    kept->values.resize(x.rows(), parameters.coefficient_count());
+    kept->inverse_rms.resize(x.rows());
+  }
+  if (x.rows() == 0) return;
+
+  NonFiniteRows non_finite(x.rows());
+  dispatch_streams(n, [&](auto fixed) {
+    prepare_branch_tokens<decltype(fixed)::value>(parameters, x, coefficients, branch_input, kept, workspace, options,
+                                                  non_finite);
+  });
+  non_finite.throw_if_recorded(function, x);
+}
+
+// The backward before the branch behind both overloads of fused::prepare_branch_backward.
+// Checks every argument before anything is written.
+template <typename Storage, typename Scalar>
+void prepare_branch_backward(const char* function, const Parameters<Scalar>& parameters,
+                             const ConstRowMatrixRef<Storage>& x, const Projections<Scalar>* kept,
+                             const Coefficients<Scalar>& coefficients,
+                             const ConstRowMatrixRef<Storage>& grad_branch_input,
+                             const ConstRowMatrixRef<Scalar>& grad_post, const ConstRowMatrixRef<Scalar>& grad_res,
+                             RowMatrixRef<Storage>& grad_x, Parameters<Scalar>& grad_parameters,
+                             Workspace<Storage, Scalar>& workspace, const Options& options, GradientWrite write) {
+  check_coefficients_backward<Storage, Scalar>(function, parameters, x, grad_post, grad_res, grad_x, grad_parameters,
+                                               options);
+  mhc::detail::check_coefficients_shape(function, "coefficients", coefficients, x.rows(), parameters.streams);
+  mhc::detail::check_shape(function, "grad_branch_input", grad_branch_input, x.rows(), parameters.channels);
+  check_no_overlap(function, "grad_x", "grad_branch_input", grad_x, grad_branch_input);
+  if (kept != nullptr) check_projections(function, *kept, x.rows(), parameters.coefficient_count());
+
+  AggregationBackward<Storage, Scalar> aggregation;
+  aggregation.coefficients = &coefficients;
+  aggregation.grad_branch_input = &grad_branch_input;
+  const ConstRowMatrixRef<Scalar>* const no_grad_pre = nullptr;
+  coefficients_backward(function, parameters, x, kept, &aggregation, no_grad_pre, grad_post, grad_res, grad_x,
+                        grad_parameters, workspace, options, write);
 }
 
 }  // namespace detail
@@ -606,30 +843,27 @@ void coefficient_parameter_gradient(const ConstRowMatrixRef<Storage>& x, const S
 // h_in = H_pre x (T x C) in one pass over x. `coefficients` is resized to T rows (no allocation
 // when it already has that shape). `branch_input` must be T x C and must not overlap x.
 // Matches mhc::prepare_branch to rounding; see the file comment for types and threads.
+// A NaN or infinite entry of x throws std::invalid_argument, as in mhc::compute_coefficients,
+// but only after the pass, so the outputs are then partly written.
 template <typename Storage, typename Scalar>
 void prepare_branch(const Parameters<Scalar>& parameters, const ConstRowMatrixRef<Storage>& x,
                     Coefficients<Scalar>& coefficients, RowMatrixRef<Storage> branch_input,
                     Workspace<Storage, Scalar>& workspace, const Options& options = {}) {
-  const char* function = "mhc::fused::prepare_branch";
-  mhc::detail::check_parameters(function, parameters);
-  mhc::detail::check_options(function, options);
-  detail::check_sinkhorn_options(function, options.sinkhorn);
-  mhc::detail::check_state(function, "x", x, parameters.streams, parameters.channels);
-  // NOTE: x is not scanned for NaN or infinity here, which would cost a second pass over it.
-  // Non-finite x gives non-finite coefficients, where the reference compute_coefficients throws.
-  mhc::detail::check_shape(function, "branch_input", branch_input, x.rows(), parameters.channels);
-  detail::check_no_overlap(function, "branch_input", "x", branch_input, x);
+  Projections<Scalar>* const no_projections = nullptr;
+  detail::prepare_branch("mhc::fused::prepare_branch", parameters, x, coefficients, no_projections, branch_input,
+                         workspace, options);
+}
 
-  const int n = parameters.streams;
-  coefficients.pre.resize(x.rows(), n);
-  coefficients.post.resize(x.rows(), n);
-  coefficients.res.resize(x.rows(), n * n);
-  if (x.rows() == 0) return;
-
-  detail::dispatch_streams(n, [&](auto fixed) {
-    detail::prepare_branch_tokens<decltype(fixed)::value>(parameters, x, coefficients, branch_input, workspace,
-                                                          options);
-  });
+// As above, and keeps each token's projection and 1/r in `projections` (resized to T rows) for
+// the overloads of fused::coefficients_backward and fused::prepare_branch_backward that take
+// them.
+template <typename Storage, typename Scalar>
+void prepare_branch(const Parameters<Scalar>& parameters, const ConstRowMatrixRef<Storage>& x,
+                    Coefficients<Scalar>& coefficients, Projections<Scalar>& projections,
+                    RowMatrixRef<Storage> branch_input, Workspace<Storage, Scalar>& workspace,
+                    const Options& options = {}) {
+  detail::prepare_branch("mhc::fused::prepare_branch", parameters, x, coefficients, &projections, branch_input,
+                         workspace, options);
 }
 
 // Writes x_next = H_res x + H_post^T h_out for every token: x and x_next are T x n*C,
@@ -667,12 +901,6 @@ void forward(const Parameters<Scalar>& parameters, const ConstRowMatrixRef<Stora
   mhc::detail::check_shape("mhc::fused::forward", "branch output", branch_output, x.rows(), parameters.channels);
   merge_streams(workspace.coefficients, x, branch_output, x_next, workspace);
 }
-
-// Choice between overwriting grad_x and adding to it, for the backward kernels.
-enum class GradientWrite {
-  kOverwrite,  // grad_x = this kernel's share
-  kAdd,        // grad_x += this kernel's share, to sum the paths of x through one layer
-};
 
 // Backward of fused::merge_streams in one pass over x, h_out and dx_next, given
 // grad_x_next = dL/dx_next (T x n*C). Writes, for every token,
@@ -760,15 +988,14 @@ void aggregate_streams_backward(const Coefficients<Scalar>& coefficients, const 
 //                    streams and channels are copied from `parameters`.
 // grad_x must not overlap x or the coefficient gradients, and grad_parameters must be another
 // object than parameters. Matches mhc::compute_coefficients_backward to rounding, for any
-// SinkhornOptions.
+// SinkhornOptions. A NaN or infinite entry of x throws std::invalid_argument after the first
+// pass, which has then written grad_x.
 //
 // Two passes: the first runs chunks of kChunkTokens tokens and writes grad_x, the gradient of
-// the projections (T x (n*n + 2n), kept in the workspace) and per-chunk partial sums of the bias
-// and alpha gradients, which are then added in chunk order. The second computes
+// the projections (kept in the workspace) and per-chunk partial sums of the bias and alpha
+// gradients, which are then added in chunk order. The second computes
 // grad_phi = x^T (gradient of the projections) in fixed blocks of rows of grad_phi. Every sum has
 // a fixed order, so the result is bitwise identical for any number of threads.
-// NOTE: unlike mhc::compute_coefficients_backward, this kernel does not check x for NaN or
-// infinity, and such entries give NaN gradients instead of an exception.
 template <typename Storage, typename Scalar>
 void coefficients_backward(const Parameters<Scalar>& parameters, const ConstRowMatrixRef<Storage>& x,
                            const ConstRowMatrixRef<Scalar>& grad_pre, const ConstRowMatrixRef<Scalar>& grad_post,
@@ -776,44 +1003,37 @@ void coefficients_backward(const Parameters<Scalar>& parameters, const ConstRowM
                            Parameters<Scalar>& grad_parameters, Workspace<Storage, Scalar>& workspace,
                            const Options& options = {}, GradientWrite write = GradientWrite::kOverwrite) {
   const char* function = "mhc::fused::coefficients_backward";
-  detail::check_coefficients_backward<Storage, Scalar>(function, parameters, x, grad_post, grad_res, grad_x, grad_parameters, options);
-  const Eigen::Index tokens = x.rows();
-  mhc::detail::check_shape(function, "grad_pre", grad_pre, tokens, parameters.streams);
+  detail::check_coefficients_backward<Storage, Scalar>(function, parameters, x, grad_post, grad_res, grad_x,
+                                                       grad_parameters, options);
+  mhc::detail::check_shape(function, "grad_pre", grad_pre, x.rows(), parameters.streams);
   detail::check_no_overlap(function, "grad_x", "grad_pre", grad_x, grad_pre);
+  const Projections<Scalar>* const recompute = nullptr;
+  const detail::AggregationBackward<Storage, Scalar>* const no_aggregation = nullptr;
+  detail::coefficients_backward(function, parameters, x, recompute, no_aggregation, &grad_pre, grad_post, grad_res,
+                                grad_x, grad_parameters, workspace, options, write);
+}
 
-  const Eigen::Index count = parameters.coefficient_count();
-  grad_parameters.streams = parameters.streams;
-  grad_parameters.channels = parameters.channels;
-  grad_parameters.phi.resize(x.cols(), count);
-  grad_parameters.bias.resize(count);
-  if (tokens == 0) {
-    grad_parameters.phi.setZero();
-    grad_parameters.bias.setZero();
-    grad_parameters.alpha_pre = grad_parameters.alpha_post = grad_parameters.alpha_res = Scalar(0);
-    return;
-  }
-
-  const Eigen::Index chunks = (tokens + kChunkTokens - 1) / kChunkTokens;
-  Scalar* grad_projections = workspace.gradient_buffer(tokens * count + chunks * (count + 3));
-  Scalar* partials = grad_projections + tokens * count;
-  if (write == GradientWrite::kAdd) {
-    detail::coefficients_backward_tokens<true>(parameters, x, grad_pre, grad_post, grad_res, grad_x,
-                                               grad_projections, partials, workspace, options);
-  } else {
-    detail::coefficients_backward_tokens<false>(parameters, x, grad_pre, grad_post, grad_res, grad_x,
-                                                grad_projections, partials, workspace, options);
-  }
-
-  // Partial sums in chunk order: bias gradient (count values), then alpha_pre, alpha_post, alpha_res.
-  const Eigen::Map<const RowMatrix<Scalar>> chunk_partials(partials, chunks, count + 3);
-  RowVector<Scalar> totals = chunk_partials.row(0);
-  for (Eigen::Index chunk = 1; chunk < chunks; ++chunk) totals += chunk_partials.row(chunk);
-  grad_parameters.bias = totals.head(count);
-  grad_parameters.alpha_pre = totals(count);
-  grad_parameters.alpha_post = totals(count + 1);
-  grad_parameters.alpha_res = totals(count + 2);
-
-  detail::coefficient_parameter_gradient(x, grad_projections, grad_parameters.phi, workspace);
+// As above, with the projections and 1/r that fused::prepare_branch kept for this x, which
+// saves recomputing x phi. The result is the same to rounding.
+// NOTE: only the shapes of `projections` are checked. Projections of another x give wrong
+// gradients, and since this overload does not compute the sum of squares, it does not detect a
+// NaN or infinite entry of x (the forward pass that kept the projections rejected them).
+template <typename Storage, typename Scalar>
+void coefficients_backward(const Parameters<Scalar>& parameters, const ConstRowMatrixRef<Storage>& x,
+                           const Projections<Scalar>& projections, const ConstRowMatrixRef<Scalar>& grad_pre,
+                           const ConstRowMatrixRef<Scalar>& grad_post, const ConstRowMatrixRef<Scalar>& grad_res,
+                           RowMatrixRef<Storage> grad_x, Parameters<Scalar>& grad_parameters,
+                           Workspace<Storage, Scalar>& workspace, const Options& options = {},
+                           GradientWrite write = GradientWrite::kOverwrite) {
+  const char* function = "mhc::fused::coefficients_backward";
+  detail::check_coefficients_backward<Storage, Scalar>(function, parameters, x, grad_post, grad_res, grad_x,
+                                                       grad_parameters, options);
+  mhc::detail::check_shape(function, "grad_pre", grad_pre, x.rows(), parameters.streams);
+  detail::check_no_overlap(function, "grad_x", "grad_pre", grad_x, grad_pre);
+  detail::check_projections(function, projections, x.rows(), parameters.coefficient_count());
+  const detail::AggregationBackward<Storage, Scalar>* const no_aggregation = nullptr;
+  detail::coefficients_backward(function, parameters, x, &projections, no_aggregation, &grad_pre, grad_post,
+                                grad_res, grad_x, grad_parameters, workspace, options, write);
 }
 
 // Backward of fused::prepare_branch: the aggregation h_in = H_pre x and the coefficients, given
@@ -823,8 +1043,9 @@ void coefficients_backward(const Parameters<Scalar>& parameters, const ConstRowM
 // and the coefficients' shares of dL/dx, and overwrites grad_parameters as
 // fused::coefficients_backward does. After merge_streams_backward has written its share to
 // grad_x, GradientWrite::kAdd completes the layer's dL/dx; this matches
-// mhc::prepare_branch_backward to rounding. Scratch: workspace.grad_pre.
-// With bfloat16 storage grad_x is rounded once after each share.
+// mhc::prepare_branch_backward to rounding.
+// The aggregation's backward runs inside the first pass of the coefficient backward, so x and
+// grad_x are read once for both; with bfloat16 storage grad_x is rounded once.
 template <typename Storage, typename Scalar>
 void prepare_branch_backward(const Parameters<Scalar>& parameters, const ConstRowMatrixRef<Storage>& x,
                              const Coefficients<Scalar>& coefficients,
@@ -833,14 +1054,25 @@ void prepare_branch_backward(const Parameters<Scalar>& parameters, const ConstRo
                              RowMatrixRef<Storage> grad_x, Parameters<Scalar>& grad_parameters,
                              Workspace<Storage, Scalar>& workspace, const Options& options = {},
                              GradientWrite write = GradientWrite::kOverwrite) {
-  // Checks everything before aggregate_streams_backward writes to grad_x.
-  const char* function = "mhc::fused::prepare_branch_backward";
-  detail::check_coefficients_backward<Storage, Scalar>(function, parameters, x, grad_post, grad_res, grad_x, grad_parameters, options);
-  mhc::detail::check_coefficients_shape(function, "coefficients", coefficients, x.rows(), parameters.streams);
-  mhc::detail::check_shape(function, "grad_branch_input", grad_branch_input, x.rows(), parameters.channels);
-  aggregate_streams_backward(coefficients, x, grad_branch_input, grad_x, workspace.grad_pre, workspace, write);
-  coefficients_backward(parameters, x, workspace.grad_pre, grad_post, grad_res, grad_x, grad_parameters, workspace,
-                        options, GradientWrite::kAdd);
+  const Projections<Scalar>* const recompute = nullptr;
+  detail::prepare_branch_backward("mhc::fused::prepare_branch_backward", parameters, x, recompute, coefficients,
+                                  grad_branch_input, grad_post, grad_res, grad_x, grad_parameters, workspace, options,
+                                  write);
+}
+
+// As above, with the projections that fused::prepare_branch kept for this x (see the
+// coefficients_backward overload that takes them).
+template <typename Storage, typename Scalar>
+void prepare_branch_backward(const Parameters<Scalar>& parameters, const ConstRowMatrixRef<Storage>& x,
+                             const Projections<Scalar>& projections, const Coefficients<Scalar>& coefficients,
+                             const ConstRowMatrixRef<Storage>& grad_branch_input,
+                             const ConstRowMatrixRef<Scalar>& grad_post, const ConstRowMatrixRef<Scalar>& grad_res,
+                             RowMatrixRef<Storage> grad_x, Parameters<Scalar>& grad_parameters,
+                             Workspace<Storage, Scalar>& workspace, const Options& options = {},
+                             GradientWrite write = GradientWrite::kOverwrite) {
+  detail::prepare_branch_backward("mhc::fused::prepare_branch_backward", parameters, x, &projections, coefficients,
+                                  grad_branch_input, grad_post, grad_res, grad_x, grad_parameters, workspace, options,
+                                  write);
 }
 
 }  // namespace mhc::fused

@@ -1,14 +1,17 @@
 // Per-token building blocks of the fused kernels in <mhc/fused.hpp>.
 //
-// Every function here works on one token (a group of kGroupTokens tokens for the projection)
-// in the accumulation type Acc (float or double), through raw pointers that the caller has
-// checked. Vector code uses Eigen's packet primitives, so it is correct for any instruction set
-// Eigen targets and uses wider registers when the compiler is allowed to (-march=native).
+// Every function here works on one token in the accumulation type Acc (float or double),
+// through raw pointers that the caller has checked. The products with phi work on groups of
+// tokens and live in <mhc/detail/fused_projection.hpp>. Vector code uses Eigen's packet
+// primitives, so it is correct for any instruction set Eigen targets and uses wider registers
+// when the compiler is allowed to (-march=native).
 // Template parameter N is the stream count when it is fixed at compile time, or 0 when it is
 // only known at run time (then the argument `streams` is used).
 #pragma once
 
 #include <mhc/common.hpp>
+#include <mhc/detail/fused_projection.hpp>
+#include <mhc/layer.hpp>
 #include <mhc/sinkhorn.hpp>
 
 #include <algorithm>
@@ -29,20 +32,6 @@
 namespace mhc::detail::fused {
 
 using Eigen::Index;
-
-template <typename Acc>
-using Packet = typename Eigen::internal::packet_traits<Acc>::type;
-
-template <typename Acc>
-constexpr int packet_size = Eigen::internal::unpacket_traits<Packet<Acc>>::size;
-
-// Packets per panel of the packed projection matrix.
-constexpr int kPanelPackets = 3;
-
-// Tokens per projection group. A group of G tokens on one panel keeps 3G accumulators, 3 weights
-// and 1 broadcast in vector registers: G = 4 fits the 16 registers of SSE and AVX2, G = 8 the 32
-// of AVX-512.
-constexpr int kGroupTokens = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32 ? 8 : 4;
 
 // Stream count as a compile-time constant when N > 0.
 template <int N>
@@ -75,108 +64,6 @@ inline void convert_row(const float* source, Index count, Eigen::bfloat16* targe
     const bool is_nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
     const auto half = static_cast<std::uint16_t>(is_nan ? ((bits >> 16) | 0x0040u) : rounded);
     target[k] = Eigen::numext::bit_cast<Eigen::bfloat16>(half);
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Projection vec(x) phi.
-//
-// phi (K x M, K = n*C, M = n*n + 2n) is packed once per call into column panels of up to
-// kPanelPackets packets, each zero-padded to whole packets and stored as K consecutive rows, so
-// the inner loop streams through one panel. The packet is Eigen's full packet or its half
-// packet, whichever pads M less (with AVX-512, M = 24 at n = 4 fills three 8-float packets
-// exactly but needs two 16-float packets, a quarter of them padding).
-
-template <typename Acc, bool kHalf>
-using ProjectionPacket = typename Eigen::internal::conditional<kHalf, typename Eigen::internal::packet_traits<Acc>::half,
-                                                              Packet<Acc>>::type;
-
-// Layout of the packed phi and of the projections of one group.
-struct ProjectionLayout {
-  bool half_packets = false;  // use ProjectionPacket<Acc, true>
-  Index lanes = 1;            // values per packet
-  Index padded = 0;           // M rounded up to whole packets: the row stride of the projections
-  Index depth = 0;            // K
-  Index packed_size() const {
-    const Index panel_width = kPanelPackets * lanes;
-    return (padded + panel_width - 1) / panel_width * panel_width * depth;
-  }
-};
-
-template <typename Acc>
-ProjectionLayout projection_layout(Index depth, Index coefficients) {
-  const Index full = packet_size<Acc>;
-  const Index half = Eigen::internal::unpacket_traits<ProjectionPacket<Acc, true>>::size;
-  const auto round_up = [coefficients](Index lanes) { return (coefficients + lanes - 1) / lanes * lanes; };
-  ProjectionLayout layout;
-  layout.half_packets = half < full && round_up(half) < round_up(full);
-  layout.lanes = layout.half_packets ? half : full;
-  layout.padded = round_up(layout.lanes);
-  layout.depth = depth;
-  return layout;
-}
-
-template <typename Acc>
-void pack_projection(const RowMatrix<Acc>& phi, const ProjectionLayout& layout, Acc* packed) {
-  const Index depth = phi.rows();
-  for (Index first = 0; first < layout.padded; first += kPanelPackets * layout.lanes) {
-    const Index width = std::min<Index>(kPanelPackets * layout.lanes, layout.padded - first);
-    Acc* panel = packed + first * depth;
-    for (Index k = 0; k < depth; ++k) {
-      for (Index j = 0; j < width; ++j) {
-        const Index column = first + j;
-        panel[k * width + j] = column < phi.cols() ? phi(k, column) : Acc(0);
-      }
-    }
-  }
-}
-
-// out[r * out_stride + j] = sum_k rows[r][k] * panel[k][j] for kGroupTokens tokens and the
-// Packets packets of one panel.
-template <typename P, int Packets, typename Acc>
-void project_panel(const Acc* const* rows, Index depth, const Acc* panel, Acc* out, Index out_stride) {
-  constexpr int L = Eigen::internal::unpacket_traits<P>::size;
-  constexpr int G = kGroupTokens;
-  P sums[G][Packets];
-  for (int r = 0; r < G; ++r) {
-    for (int p = 0; p < Packets; ++p) sums[r][p] = Eigen::internal::pset1<P>(Acc(0));
-  }
-  for (Index k = 0; k < depth; ++k) {
-    const Acc* weights_row = panel + k * (Packets * L);
-    P weights[Packets];
-    for (int p = 0; p < Packets; ++p) weights[p] = Eigen::internal::ploadu<P>(weights_row + p * L);
-    for (int r = 0; r < G; ++r) {
-      const P value = Eigen::internal::pset1<P>(rows[r][k]);
-      for (int p = 0; p < Packets; ++p) sums[r][p] = Eigen::internal::pmadd(value, weights[p], sums[r][p]);
-    }
-  }
-  for (int r = 0; r < G; ++r) {
-    for (int p = 0; p < Packets; ++p) Eigen::internal::pstoreu(out + r * out_stride + p * L, sums[r][p]);
-  }
-}
-
-template <typename P, typename Acc>
-void project_all_panels(const Acc* const* rows, const ProjectionLayout& layout, const Acc* packed, Acc* out) {
-  static_assert(kPanelPackets == 3, "update the dispatch below");
-  for (Index first = 0; first < layout.padded; first += kPanelPackets * layout.lanes) {
-    const Index packets = std::min<Index>(kPanelPackets * layout.lanes, layout.padded - first) / layout.lanes;
-    const Acc* panel = packed + first * layout.depth;
-    switch (packets) {
-      case 1: project_panel<P, 1>(rows, layout.depth, panel, out + first, layout.padded); break;
-      case 2: project_panel<P, 2>(rows, layout.depth, panel, out + first, layout.padded); break;
-      default: project_panel<P, 3>(rows, layout.depth, panel, out + first, layout.padded); break;
-    }
-  }
-}
-
-// Projects kGroupTokens token rows of K values onto the packed phi: writes kGroupTokens rows of
-// layout.padded values to `out`. The caller fills a partial group by repeating a row.
-template <typename Acc>
-void project_group(const Acc* const* rows, const ProjectionLayout& layout, const Acc* packed, Acc* out) {
-  if (layout.half_packets) {
-    project_all_panels<ProjectionPacket<Acc, true>>(rows, layout, packed, out);
-  } else {
-    project_all_panels<ProjectionPacket<Acc, false>>(rows, layout, packed, out);
   }
 }
 
@@ -435,7 +322,7 @@ template <typename Acc>
 struct CoefficientRule {
   const Acc* bias = nullptr;  // n*n + 2n, ordered [pre | post | res]
   Acc alpha_pre = 0, alpha_post = 0, alpha_res = 0;
-  Acc rms_epsilon = 0;
+  double rms_epsilon = 0;
   Index width = 0;  // n*C, the length of vec(x)
   SinkhornOptions sinkhorn;
 };
@@ -539,16 +426,27 @@ bool sinkhorn_linear(Acc* matrix, int streams, const SinkhornOptions& options) {
   return true;
 }
 
+// 1/r = (mean(row^2) + epsilon)^(-1/2) of one token row of `width` values, or NaN when the row
+// has a NaN or infinite entry. The vectorised sum of squares runs in Acc. When it overflows
+// (float entries above about 1e18), the reference kernels' inverse_rms computes 1/r again, in
+// double and with the row scaled by its largest magnitude.
+template <typename Acc>
+Acc token_inverse_rms(const Acc* row, Index width, double epsilon) {
+  const Acc squares = sum_of_squares(row, width);
+  if (std::isfinite(squares)) {
+    return Acc(1) / std::sqrt(squares / static_cast<Acc>(width) + static_cast<Acc>(epsilon));
+  }
+  const Eigen::Map<const RowVector<Acc>> values(row, width);
+  if (!values.allFinite()) return std::numeric_limits<Acc>::quiet_NaN();
+  return mhc::detail::inverse_rms<Acc>(values, epsilon);
+}
+
 // Computes H_pre, H_post and H_res of one token from its projection vec(x) phi (M values) and
-// its sum of squares.
+// its 1/r.
 template <int N, typename Acc>
-void token_coefficients(const Acc* projection, Acc squares, int streams, const CoefficientRule<Acc>& rule,
+void token_coefficients(const Acc* projection, Acc inverse_r, int streams, const CoefficientRule<Acc>& rule,
                         Acc* pre, Acc* post, Acc* res) {
   const int n = stream_count<N>(streams);
-  // NOTE: `squares` accumulates in Acc, so float rows with entries above about 1e18 overflow
-  // here, where the reference inverse_rms accumulates in double and rescales.
-  const Acc inverse_r =
-      Acc(1) / std::sqrt(squares / static_cast<Acc>(rule.width) + rule.rms_epsilon);
   const Acc pre_scale = rule.alpha_pre * inverse_r;
   const Acc post_scale = rule.alpha_post * inverse_r;
   const Acc res_scale = rule.alpha_res * inverse_r;
