@@ -9,7 +9,10 @@
 //
 // The gain columns follow the Amax gain magnitude: forward gain max_i |sum_j H_res[i][j]|,
 // backward gain max_j |sum_i H_res[i][j]|, for one layer and for the product of all layers so far,
-// each the maximum over tokens.
+// each the maximum over tokens. Numbers that do not fit their column switch to scientific
+// notation, a NaN in any token shows as nan, and a composite gain beyond the double range shows
+// as inf. Exits with status 1 when the streams overflow the double range before the last layer,
+// and with status 2 on invalid options.
 #include <mhc/mhc.hpp>
 
 #include <algorithm>
@@ -182,8 +185,10 @@ struct MlpBranch {
   Matrix operator()(const Matrix& input) const {
     Matrix normalized = input;
     for (Eigen::Index t = 0; t < normalized.rows(); ++t) {
-      const double mean_square = normalized.row(t).squaredNorm() / double(normalized.cols());
-      normalized.row(t) /= std::sqrt(mean_square + 1e-6);
+      // Divides by sqrt(mean square + 1e-6). stableNorm and hypot keep that finite for rows with
+      // entries above 1e154, whose squares overflow.
+      const double rms = normalized.row(t).stableNorm() / std::sqrt(double(normalized.cols()));
+      normalized.row(t) /= std::hypot(rms, 1e-3);
     }
     Matrix hidden = normalized * first;
     // GELU, tanh approximation.
@@ -194,22 +199,147 @@ struct MlpBranch {
   }
 };
 
-// Mean, minimum and maximum of a set of values.
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+constexpr double kInfinity = std::numeric_limits<double>::infinity();
+
+// std::max and std::min return their first argument when either is NaN, which would hide a NaN
+// token behind the running maximum, so these return NaN instead.
+double max_with_nan(double a, double b) { return std::isnan(a) || std::isnan(b) ? kNaN : std::max(a, b); }
+double min_with_nan(double a, double b) { return std::isnan(a) || std::isnan(b) ? kNaN : std::min(a, b); }
+
+// Mean, minimum and maximum of a set of values. All three are NaN once a NaN is added.
 struct Summary {
   double mean = 0.0;
-  double minimum = std::numeric_limits<double>::infinity();
-  double maximum = -std::numeric_limits<double>::infinity();
+  double minimum = kInfinity;
+  double maximum = -kInfinity;
   long count = 0;
 
   void add(double value) {
     mean += (value - mean) / double(++count);
-    minimum = std::min(minimum, value);
-    maximum = std::max(maximum, value);
+    minimum = min_with_nan(minimum, value);
+    maximum = max_with_nan(maximum, value);
   }
 };
 
-double forward_gain(const Matrix& mixing) { return mixing.rowwise().sum().cwiseAbs().maxCoeff(); }
-double backward_gain(const Matrix& mixing) { return mixing.colwise().sum().cwiseAbs().maxCoeff(); }
+double forward_gain(const Matrix& mixing) {
+  return mixing.rowwise().sum().cwiseAbs().maxCoeff<Eigen::PropagateNaN>();
+}
+double backward_gain(const Matrix& mixing) {
+  return mixing.colwise().sum().cwiseAbs().maxCoeff<Eigen::PropagateNaN>();
+}
+
+// mhc::doubly_stochastic_error, but NaN when any row or column sum is NaN.
+double stochastic_error(const Matrix& mixing) {
+  const double row_error = (mixing.rowwise().sum().array() - 1.0).abs().maxCoeff<Eigen::PropagateNaN>();
+  const double column_error = (mixing.colwise().sum().array() - 1.0).abs().maxCoeff<Eigen::PropagateNaN>();
+  return max_with_nan(row_error, column_error);
+}
+
+// Product H_res(l) ... H_res(1) of one token. An unconstrained product can grow past the
+// largest double, and then inf - inf turns its entries into NaN. Its gains are then reported as
+// inf, and a NaN in H_res itself still shows as NaN.
+struct CompositeMixing {
+  Matrix product;
+  bool overflowed = false;
+
+  void multiply(const Matrix& mixing) {
+    product = mixing * product;
+    if (mixing.allFinite() && !product.allFinite()) overflowed = true;
+  }
+  double forward() const { return overflowed ? kInfinity : forward_gain(product); }
+  double backward() const { return overflowed ? kInfinity : backward_gain(product); }
+};
+
+// Formats `value` right-aligned in `width` characters, in fixed notation with `decimals` digits
+// after the point when that fits, and otherwise in scientific notation with as many digits as fit.
+// Every double fits in 7 characters ("-1e+308"), and nan and inf in 4.
+std::string format_number(double value, int width, int decimals) {
+  char text[512];
+  std::snprintf(text, sizeof text, "%*.*f", width, decimals, value);
+  for (int digits = decimals; digits >= 0 && static_cast<int>(std::strlen(text)) > width; --digits) {
+    std::snprintf(text, sizeof text, "%*.*e", width, digits, value);
+  }
+  return text;
+}
+
+// Formats `value` right-aligned in `width` characters in scientific notation, with `digits`
+// digits after the point, or fewer when that does not fit.
+std::string format_scientific(double value, int width, int digits) {
+  char text[64];
+  std::snprintf(text, sizeof text, "%*.*e", width, digits, value);
+  for (--digits; digits >= 0 && static_cast<int>(std::strlen(text)) > width; --digits) {
+    std::snprintf(text, sizeof text, "%*.*e", width, digits, value);
+  }
+  return text;
+}
+
+// Column widths of the table. Each is at least 7, so that any double fits.
+constexpr int kCoefficientWidth = 7;  // mean, minimum and maximum of H_pre and H_post
+constexpr int kDiagonalWidth = 9;
+constexpr int kErrorWidth = 9;
+constexpr int kLayerGainWidth = 7;
+constexpr int kCompositeGainWidth = 9;
+
+std::string format_summary(const Summary& summary) {
+  return format_number(summary.mean, kCoefficientWidth, 3) + " [" +
+         format_number(summary.minimum, kCoefficientWidth, 3) + ", " +
+         format_number(summary.maximum, kCoefficientWidth, 3) + "]";
+}
+
+std::string format_gains(double forward, double backward, int width) {
+  return format_number(forward, width, 3) + " / " + format_number(backward, width, 3);
+}
+
+// Statistics of one layer over all tokens. Each is NaN when the value of any token is NaN.
+struct LayerStatistics {
+  Summary pre;
+  Summary post;
+  Summary diagonal;
+  double stochastic_error = 0.0;
+  double layer_forward = 0.0;
+  double layer_backward = 0.0;
+  double composite_forward = 0.0;
+  double composite_backward = 0.0;
+};
+
+// Summarizes the coefficients of one layer and multiplies each token's H_res into `composite`.
+LayerStatistics summarize_layer(const mhc::Coefficients<double>& coefficients, int n,
+                                std::vector<CompositeMixing>& composite) {
+  LayerStatistics statistics;
+  for (Eigen::Index t = 0; t < coefficients.res.rows(); ++t) {
+    const Matrix mixing = Eigen::Map<const Matrix>(coefficients.res.row(t).data(), n, n);
+    for (int i = 0; i < n; ++i) {
+      statistics.pre.add(coefficients.pre(t, i));
+      statistics.post.add(coefficients.post(t, i));
+      statistics.diagonal.add(mixing(i, i));
+    }
+    statistics.stochastic_error = max_with_nan(statistics.stochastic_error, stochastic_error(mixing));
+    statistics.layer_forward = max_with_nan(statistics.layer_forward, forward_gain(mixing));
+    statistics.layer_backward = max_with_nan(statistics.layer_backward, backward_gain(mixing));
+
+    CompositeMixing& product = composite[static_cast<std::size_t>(t)];
+    product.multiply(mixing);
+    statistics.composite_forward = max_with_nan(statistics.composite_forward, product.forward());
+    statistics.composite_backward = max_with_nan(statistics.composite_backward, product.backward());
+  }
+  return statistics;
+}
+
+void print_header() {
+  const int summary_width = 3 * kCoefficientWidth + 5;
+  std::printf("%5s  %-*s  %-*s  %*s  %*s  %-*s  %s\n", "layer", summary_width, "H_pre mean [min, max]",
+              summary_width, "H_post mean [min, max]", kDiagonalWidth, "res diag", kErrorWidth, "DS error",
+              2 * kLayerGainWidth + 3, "gain fwd / bwd", "composite fwd / bwd");
+}
+
+void print_row(int layer, const LayerStatistics& statistics) {
+  std::printf("%5d  %s  %s  %s  %s  %s  %s\n", layer, format_summary(statistics.pre).c_str(),
+              format_summary(statistics.post).c_str(),
+              format_number(statistics.diagonal.mean, kDiagonalWidth, 4).c_str(),
+              format_scientific(statistics.stochastic_error, kErrorWidth, 2).c_str(),
+              format_gains(statistics.layer_forward, statistics.layer_backward, kLayerGainWidth).c_str(),
+              format_gains(statistics.composite_forward, statistics.composite_backward, kCompositeGainWidth).c_str());
+}
 
 }  // namespace
 
@@ -223,13 +353,13 @@ int main(int argc, char** argv) {
     std::printf("connection %s, n = %d streams, %d layers, C = %d, T = %d tokens, seed %lu, noise %g\n",
                 mhc::to_string(settings.connection), n, settings.layers, channels, settings.tokens, settings.seed,
                 settings.noise);
-    std::printf("%5s  %-24s  %-24s  %9s  %9s  %-15s  %-17s\n", "layer", "H_pre mean [min, max]",
-                "H_post mean [min, max]", "res diag", "DS error", "gain fwd / bwd", "composite fwd/bwd");
+    print_header();
 
     const Matrix embedding = random_matrix(settings.tokens, channels, 1.0, generator);
     Matrix state = mhc::expand_streams(embedding, n);
     // Running product H_res(l) ... H_res(1) of every token, for the composite gains.
-    std::vector<Matrix> composite(static_cast<std::size_t>(settings.tokens), Matrix::Identity(n, n));
+    std::vector<CompositeMixing> composite(static_cast<std::size_t>(settings.tokens),
+                                           CompositeMixing{Matrix::Identity(n, n)});
 
     for (int layer = 0; layer < settings.layers; ++layer) {
       auto block = mhc::HyperConnection<double>::create(settings.connection, n, channels, layer);
@@ -239,35 +369,26 @@ int main(int argc, char** argv) {
       branch.second = random_matrix(2 * channels, channels, 1.0 / std::sqrt(double(2 * channels)), generator);
 
       const mhc::BranchInput<double> prepared = block.prepare_branch(state);
-      const mhc::Coefficients<double>& coefficients = prepared.coefficients;
-      Summary pre, post, diagonal;
-      double stochastic_error = 0.0, layer_forward = 0.0, layer_backward = 0.0;
-      double composite_forward = 0.0, composite_backward = 0.0;
-      for (Eigen::Index t = 0; t < state.rows(); ++t) {
-        const Matrix mixing = Eigen::Map<const Matrix>(coefficients.res.row(t).data(), n, n);
-        for (int i = 0; i < n; ++i) {
-          pre.add(coefficients.pre(t, i));
-          post.add(coefficients.post(t, i));
-          diagonal.add(mixing(i, i));
-        }
-        stochastic_error = std::max(stochastic_error, mhc::doubly_stochastic_error(mixing));
-        layer_forward = std::max(layer_forward, forward_gain(mixing));
-        layer_backward = std::max(layer_backward, backward_gain(mixing));
-        Matrix& product = composite[static_cast<std::size_t>(t)];
-        product = mixing * product;
-        composite_forward = std::max(composite_forward, forward_gain(product));
-        composite_backward = std::max(composite_backward, backward_gain(product));
-      }
-      state = block.merge(coefficients, state, branch(prepared.input));
+      const LayerStatistics statistics = summarize_layer(prepared.coefficients, n, composite);
+      state = block.merge(prepared.coefficients, state, branch(prepared.input));
+      print_row(layer, statistics);
 
-      std::printf("%5d  %6.3f [%6.3f, %6.3f]  %6.3f [%6.3f, %6.3f]  %9.4f  %9.2e  %6.3f / %6.3f  %7.3f / %7.3f\n",
-                  layer, pre.mean, pre.minimum, pre.maximum, post.mean, post.minimum, post.maximum, diagonal.mean,
-                  stochastic_error, layer_forward, layer_backward, composite_forward, composite_backward);
+      // The next layer cannot run on infinite streams, because the rules that compute their
+      // coefficients from the streams reject them and the branch's RMSNorm turns them into NaN.
+      if (!state.allFinite()) {
+        std::fflush(stdout);
+        std::fprintf(stderr,
+                     "mhc_stack: stopped after %d of %d layers: the streams overflowed the double range "
+                     "(above 1.8e308); use fewer --layers or a smaller --noise\n",
+                     layer + 1, settings.layers);
+        return 1;
+      }
     }
 
     const Matrix output = mhc::reduce_streams(state, n);
-    const double rms = std::sqrt(output.squaredNorm() / double(output.size()));
-    std::printf("output: %d x %d after reducing the streams, RMS %.4f, %s\n", settings.tokens, channels, rms,
+    // stableNorm, because the squares of entries above 1e154 overflow.
+    const double rms = output.stableNorm() / std::sqrt(double(output.size()));
+    std::printf("output: %d x %d after reducing the streams, RMS %.6g, %s\n", settings.tokens, channels, rms,
                 output.allFinite() ? "all finite" : "NOT all finite");
   } catch (const std::invalid_argument& error) {
     std::fprintf(stderr, "mhc_stack: %s\n", error.what());
