@@ -25,9 +25,10 @@
 // Outputs go to caller-owned views (Eigen::Ref of a RowMatrix, an Eigen::Map over a buffer, or a
 // block of rows), and all scratch memory lives in a Workspace that grows to the largest shape
 // seen and is then reused. A training loop that keeps its Workspace and Coefficients between
-// steps allocates nothing per step in the forward kernels and the two mix backwards.
-// NOTE: coefficients_backward runs Eigen matrix products, which may allocate their blocking
-// buffers on the heap, and allocates a solver per chunk for SinkhornGradient::implicit.
+// steps, and the gradient outputs too, allocates nothing per step in any kernel of this file
+// except fused::forward, whose branch returns a new matrix.
+// NOTE: coefficients_backward and prepare_branch_backward allocate a solver per chunk of tokens
+// for SinkhornGradient::implicit.
 //
 // Threads. A Workspace may carry a ThreadPool. Tokens are split into chunks of a fixed number of
 // tokens that do not depend on the pool size, and each token's result depends only on that
@@ -130,6 +131,10 @@ class Workspace {
   // skip reading each output line into the cache first. The default is the last-level cache
   // size that Eigen detects: a larger output is evicted before anyone reads it back.
   std::ptrdiff_t streaming_threshold_bytes = Eigen::l3CacheSize();
+
+  // Whether n = 2, 4 and 8 run the kernels compiled for that stream count. false runs the path
+  // for a run-time n for every n, which the benchmarks and tests compare against.
+  bool fixed_size_streams = true;
 
   // Storage of the branch input and coefficients for fused::forward.
   RowMatrix<Storage> branch_input;
@@ -760,14 +765,19 @@ void coefficients_backward(const char* function, const Parameters<Scalar>& param
   }
   non_finite.throw_if_recorded(function, x);
 
-  // Partial sums in chunk order: bias gradient (count values), then alpha_pre, alpha_post, alpha_res.
+  // Partial sums in chunk order: bias gradient (count values), then alpha_pre, alpha_post,
+  // alpha_res. They are added in place, so a call allocates nothing once the outputs have their
+  // shapes.
   const Eigen::Map<const RowMatrix<Scalar>> chunk_partials(buffers.partials, chunks, count + 3);
-  RowVector<Scalar> totals = chunk_partials.row(0);
-  for (Index chunk = 1; chunk < chunks; ++chunk) totals += chunk_partials.row(chunk);
-  grad_parameters.bias = totals.head(count);
-  grad_parameters.alpha_pre = totals(count);
-  grad_parameters.alpha_post = totals(count + 1);
-  grad_parameters.alpha_res = totals(count + 2);
+  grad_parameters.bias = chunk_partials.row(0).head(count);
+  Scalar alphas[3] = {chunk_partials(0, count), chunk_partials(0, count + 1), chunk_partials(0, count + 2)};
+  for (Index chunk = 1; chunk < chunks; ++chunk) {
+    grad_parameters.bias += chunk_partials.row(chunk).head(count);
+    for (int k = 0; k < 3; ++k) alphas[k] += chunk_partials(chunk, count + k);
+  }
+  grad_parameters.alpha_pre = alphas[0];
+  grad_parameters.alpha_post = alphas[1];
+  grad_parameters.alpha_res = alphas[2];
 
   coefficient_parameter_gradient(x, buffers, grad_parameters.phi, workspace);
 }
@@ -805,7 +815,7 @@ void prepare_branch(const char* function, const Parameters<Scalar>& parameters, 
   if (x.rows() == 0) return;
 
   NonFiniteRows non_finite(x.rows());
-  dispatch_streams(n, [&](auto fixed) {
+  dispatch_streams(workspace.fixed_size_streams ? n : 0, [&](auto fixed) {
     prepare_branch_tokens<decltype(fixed)::value>(parameters, x, coefficients, branch_input, kept, workspace, options,
                                                   non_finite);
   });
@@ -883,7 +893,7 @@ void merge_streams(const Coefficients<Scalar>& coefficients, const ConstRowMatri
   detail::check_no_overlap(function, "x_next", "branch_output", x_next, branch_output);
   if (x.rows() == 0) return;
 
-  detail::dispatch_streams(n, [&](auto fixed) {
+  detail::dispatch_streams(workspace.fixed_size_streams ? n : 0, [&](auto fixed) {
     detail::merge_streams_tokens<decltype(fixed)::value>(coefficients, x, branch_output, x_next, workspace);
   });
 }
@@ -938,7 +948,7 @@ void merge_streams_backward(const Coefficients<Scalar>& coefficients, const Cons
   grad_res.resize(x.rows(), Eigen::Index(n) * n);
   if (x.rows() == 0) return;
 
-  detail::dispatch_streams(n, [&](auto fixed) {
+  detail::dispatch_streams(workspace.fixed_size_streams ? n : 0, [&](auto fixed) {
     detail::merge_streams_backward_tokens<decltype(fixed)::value>(coefficients, x, branch_output, grad_x_next, grad_x,
                                                                   grad_branch_output, grad_post, grad_res, workspace);
   });
@@ -966,7 +976,7 @@ void aggregate_streams_backward(const Coefficients<Scalar>& coefficients, const 
   grad_pre.resize(x.rows(), n);
   if (x.rows() == 0) return;
 
-  detail::dispatch_streams(n, [&](auto fixed) {
+  detail::dispatch_streams(workspace.fixed_size_streams ? n : 0, [&](auto fixed) {
     constexpr int kStreams = decltype(fixed)::value;
     if (write == GradientWrite::kAdd) {
       detail::aggregate_streams_backward_tokens<kStreams, true>(coefficients, x, grad_branch_input, grad_x, grad_pre,

@@ -67,6 +67,37 @@ inline void convert_row(const float* source, Index count, Eigen::bfloat16* targe
   }
 }
 
+// Copies columns [0, columns) of `tokens` rows of x (row stride `stride`) to `packed` in the
+// order that accumulate_phi_gradient reads: tiles of kGradientTileRows columns (the last one
+// narrower), each stored token by token, so the tile starting at column i0 begins at
+// packed + i0 * tokens and has row stride min(kGradientTileRows, columns - i0).
+// The segments of x are read row by row, and each is prefetched a few rows ahead, because they
+// come from memory and are too short for the hardware prefetcher to follow.
+template <typename Storage, typename Acc>
+void pack_gradient_block(const Storage* x, Index stride, Index tokens, Index columns, Acc* packed) {
+  constexpr Index kAhead = 4;  // rows
+  constexpr Index kLine = 64 / sizeof(Storage);
+  for (Index t = 0; t < tokens; ++t) {
+    const Storage* row = x + t * stride;
+    if (t + kAhead < tokens) {
+      for (Index i = 0; i < columns; i += kLine) Eigen::internal::prefetch(row + kAhead * stride + i);
+    }
+    for (Index first = 0; first < columns; first += kGradientTileRows) {
+      const Index width = std::min<Index>(kGradientTileRows, columns - first);
+      Acc* tile_row = packed + first * tokens + t * width;
+      if constexpr (std::is_same_v<Storage, Acc>) {
+        if (width == kGradientTileRows) {
+          for (int i = 0; i < kGradientTileRows; ++i) tile_row[i] = row[first + i];  // one or two vector moves
+        } else {
+          std::copy(row + first, row + first + width, tile_row);
+        }
+      } else {
+        convert_row(row + first, width, tile_row);
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Row reductions and the two stream mixes.
 

@@ -237,28 +237,6 @@ void backproject_group(const Acc* const* grad, Index count, const Acc* transpose
 // registers, as a projection group does.
 constexpr int kGradientTileRows = kGroupTokens;
 
-// Copies columns [0, columns) of `tokens` rows of x (row stride `stride`) to `packed` in the
-// order that accumulate_phi_gradient reads: tiles of kGradientTileRows columns (the last one
-// narrower), each stored token by token, so the tile starting at column i0 begins at
-// packed + i0 * tokens and has row stride min(kGradientTileRows, columns - i0).
-// Each row of x is read once, in order, because these reads come from memory.
-template <typename Storage, typename Acc>
-void pack_gradient_block(const Storage* x, Index stride, Index tokens, Index columns, Acc* packed) {
-  constexpr Index kAhead = 4;  // rows
-  constexpr Index kLine = 64 / sizeof(Storage);
-  for (Index t = 0; t < tokens; ++t) {
-    const Storage* row = x + t * stride;
-    if (t + kAhead < tokens) {
-      for (Index i = 0; i < columns; i += kLine) Eigen::internal::prefetch(row + kAhead * stride + i);
-    }
-    for (Index first = 0; first < columns; first += kGradientTileRows) {
-      const Index width = std::min<Index>(kGradientTileRows, columns - first);
-      Acc* tile_row = packed + first * tokens + t * width;
-      for (Index i = 0; i < width; ++i) tile_row[i] = static_cast<Acc>(row[first + i]);
-    }
-  }
-}
-
 // block[i][j] += sum_t x[t][i] * grad[t][j] for the R rows i of one tile and one panel of
 // Packets packets of j. The sum over t runs in token order.
 template <typename P, int Packets, int R, typename Acc>
