@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds bench/layer_bench with -march=native, runs it with repetitions, runs the PyTorch
-# comparison, and writes everything with a machine description to one folder.
+# comparison, and writes everything with a machine description to one folder. The folder also
+# gets benchmarks.svg, the medians drawn by tools/bench/plot_benchmarks.py for
+# docs/benchmarks.md; without python3 on PATH the script skips the figure.
 #
 # Usage: tools/bench/run_benchmarks.sh [OUTPUT_DIR] [extra layer_bench arguments...]
 #   OUTPUT_DIR defaults to build/bench-results. Pass --full after it for the full sweep, or
@@ -34,6 +36,15 @@ cmake --build "$build" --target layer_bench -j "$(nproc)" >"$output/build.log" 2
   --benchmark_report_aggregates_only=true \
   --benchmark_out="$output/layer_bench.json" --benchmark_out_format=json \
   | tee "$output/layer_bench.txt"
+
+# The figure for docs/benchmarks.md. A failed plot leaves the measurements in place, so the run
+# goes on to the PyTorch baseline.
+if command -v python3 >/dev/null; then
+  python3 "$repository/tools/bench/plot_benchmarks.py" "$output/layer_bench.json" "$output/benchmarks.svg" \
+    || echo "plotting $output/layer_bench.json failed (error above); the measurements are kept" >&2
+else
+  echo "skipping $output/benchmarks.svg: python3 is not on PATH" >&2
+fi
 
 # The eager PyTorch baseline on the headline shape, one and two threads.
 if /usr/bin/python3 -c 'import torch' 2>/dev/null; then
