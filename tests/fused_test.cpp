@@ -395,6 +395,20 @@ TYPED_TEST(FusedTest, StreamingStoresMatchCachedStores) {
     RowMatrix<Storage> streamed(tokens, n * channels);
     mhc::fused::merge_streams(coefficients, x, output, streamed, workspace);
     EXPECT_EQ(streamed, cached);
+
+    // The merge backward streams grad_x under the same threshold; `cached` stands in for dx_next.
+    RowMatrix<Storage> streamed_grad_x(tokens, n * channels), streamed_grad_output(tokens, channels);
+    RowMatrix<Scalar> streamed_post, streamed_res;
+    mhc::fused::merge_streams_backward(coefficients, x, output, cached, streamed_grad_x, streamed_grad_output,
+                                       streamed_post, streamed_res, workspace);
+    workspace.streaming_threshold_bytes = std::numeric_limits<std::ptrdiff_t>::max();
+    RowMatrix<Storage> cached_grad_x(tokens, n * channels), cached_grad_output(tokens, channels);
+    RowMatrix<Scalar> cached_post, cached_res;
+    mhc::fused::merge_streams_backward(coefficients, x, output, cached, cached_grad_x, cached_grad_output, cached_post,
+                                       cached_res, workspace);
+    EXPECT_EQ(streamed_grad_x, cached_grad_x);
+    EXPECT_EQ(streamed_grad_output, cached_grad_output);
+    EXPECT_EQ(streamed_res, cached_res);
   }
 }
 

@@ -127,8 +127,8 @@ class Workspace {
   // T x (n*n + 2n) gradient of the projections and per-chunk partial sums here).
   Scalar* gradient_buffer(Eigen::Index size) { return grow(gradients_, size); }
 
-  // merge_streams writes an x_next larger than this many bytes with non-temporal stores, which
-  // skip reading each output line into the cache first. The default is the last-level cache
+  // merge_streams writes an x_next, and merge_streams_backward a grad_x, larger than this many
+  // bytes with non-temporal stores, which skip reading each output line into the cache first. The default is the last-level cache
   // size that Eigen detects: a larger output is evicted before anyone reads it back.
   std::ptrdiff_t streaming_threshold_bytes = Eigen::l3CacheSize();
 
@@ -392,6 +392,11 @@ void merge_streams_backward_tokens(const Coefficients<Scalar>& coefficients, con
   const Index partial_values = Index(n * n + n) * kernels::packet_size<Scalar>;
   workspace.reserve_worker_buffers(partial_values + (kConvert ? 3 * width + 2 * channels : 0));
 
+  // A grad_x larger than the threshold is written with non-temporal stores, as merge_streams
+  // writes x_next. Storage conversion writes through a buffer and never streams.
+  const double gradient_bytes = double(tokens) * double(width) * sizeof(Storage);
+  const bool stream = !kConvert && gradient_bytes > double(workspace.streaming_threshold_bytes);
+
   const Index chunks = (tokens + kChunkTokens - 1) / kChunkTokens;
   mhc::detail::run_tasks(workspace.thread_pool(), chunks, [&](Index chunk, int worker) {
     Scalar* partial_sums = workspace.worker_buffer(worker);
@@ -410,17 +415,25 @@ void merge_streams_backward_tokens(const Coefficients<Scalar>& coefficients, con
         kernels::convert_row(row_pointer<Storage>(x, t), width, state);
         kernels::convert_row(row_pointer<Storage>(branch_output, t), channels, output);
         kernels::convert_row(row_pointer<Storage>(grad_x_next, t), width, grad_next);
-        kernels::merge_row_backward<N>(state, n, channels, output, res, post, grad_next, state_gradient,
-                                       output_gradient, post_gradient, res_gradient, partial_sums);
+        kernels::merge_row_backward<N, false>(state, n, channels, output, res, post, grad_next, state_gradient,
+                                              output_gradient, post_gradient, res_gradient, partial_sums);
         kernels::convert_row(state_gradient, width, row_pointer<Storage>(grad_x, t));
         kernels::convert_row(output_gradient, channels, row_pointer<Storage>(grad_branch_output, t));
       } else {
-        kernels::merge_row_backward<N>(row_pointer<Storage>(x, t), n, channels, row_pointer<Storage>(branch_output, t),
-                                       res, post, row_pointer<Storage>(grad_x_next, t), row_pointer<Storage>(grad_x, t),
-                                       row_pointer<Storage>(grad_branch_output, t), post_gradient, res_gradient,
-                                       partial_sums);
+        const auto run = [&](auto stream) {
+          kernels::merge_row_backward<N, decltype(stream)::value>(
+              row_pointer<Storage>(x, t), n, channels, row_pointer<Storage>(branch_output, t), res, post,
+              row_pointer<Storage>(grad_x_next, t), row_pointer<Storage>(grad_x, t),
+              row_pointer<Storage>(grad_branch_output, t), post_gradient, res_gradient, partial_sums);
+        };
+        if (stream) {
+          run(std::true_type{});
+        } else {
+          run(std::false_type{});
+        }
       }
     }
+    if (stream) kernels::stream_fence();
   });
 }
 

@@ -229,8 +229,9 @@ void merge_row(const Acc* x, int streams, Index channels, const Acc* h, const Ac
 //   grad_post[i]             = <grad_next[stream i], h>
 //   grad_mixing[i * n + j]   = <grad_next[stream i], x[stream j]>
 // `partial_sums` is scratch for (n*n + n) packets of partial dot products. The outputs must not
-// overlap the inputs.
-template <int N, typename Acc>
+// overlap the inputs. With kStream, aligned packets of grad_x are written with non-temporal
+// stores.
+template <int N, bool kStream, typename Acc>
 void merge_row_backward(const Acc* x, int streams, Index channels, const Acc* h, const Acc* mixing, const Acc* post,
                         const Acc* grad_next, Acc* grad_x, Acc* grad_h, Acc* grad_post, Acc* grad_mixing,
                         Acc* partial_sums) {
@@ -252,7 +253,7 @@ void merge_row_backward(const Acc* x, int streams, Index channels, const Acc* h,
           sum = Eigen::internal::pmadd(Eigen::internal::pset1<P>(mixing[i * n + j]),
                                        Eigen::internal::ploadu<P>(grad_next + i * channels + c), sum);
         }
-        Eigen::internal::pstoreu(grad_x + j * channels + c, sum);
+        store_output<kStream>(grad_x + j * channels + c, sum);
       }
     }
     for (Index c = tile; c < packet_end; c += L) {
