@@ -85,6 +85,9 @@ template <typename Storage>
 using ParameterScalar = std::conditional_t<std::is_same_v<Storage, double>, double, float>;
 
 // Inputs and outputs of one layer, allocated and filled once per benchmark.
+// Every state-sized matrix is written here. A timed loop would otherwise pay for the page faults
+// of fresh pages, and on Linux its reads of never-written pages would hit the shared zero page.
+// x_next is random because the backward benchmarks also use it as dL/dx_next.
 template <typename Storage>
 struct LayerData {
   using Scalar = ParameterScalar<Storage>;
@@ -93,10 +96,10 @@ struct LayerData {
       : parameters(mhc::bench::random_parameters<Scalar>(streams, channels, 1)),
         x(mhc::bench::uniform_matrix<Storage>(tokens, Index(streams) * channels, 2)),
         branch_output(mhc::bench::uniform_matrix<Storage>(tokens, channels, 3)),
-        branch_input(tokens, channels),
-        x_next(tokens, Index(streams) * channels),
-        grad_x(tokens, Index(streams) * channels),
-        grad_branch_output(tokens, channels) {}
+        branch_input(RowMatrix<Storage>::Zero(tokens, channels)),
+        x_next(mhc::bench::uniform_matrix<Storage>(tokens, Index(streams) * channels, 9)),
+        grad_x(RowMatrix<Storage>::Zero(tokens, Index(streams) * channels)),
+        grad_branch_output(RowMatrix<Storage>::Zero(tokens, channels)) {}
 
   double prepare_traffic() const {
     const double n = parameters.streams;
