@@ -72,31 +72,33 @@ double median_seconds(int samples, Work&& work) {
 }
 
 // Bytes per second of std::memcpy moving `traffic_bytes` / 2 bytes (so `traffic_bytes` of reads
-// plus writes) on `threads` threads, in 1 MiB pieces: the median of 7 runs after a warm-up run.
-// Cached per (size, threads), so each size is measured once per program run.
+// plus writes) on `threads` threads, in 1 MiB pieces: the median of 5 runs after a warm-up run.
+// The copy is timed again at every call, right after the kernel it is compared with, because
+// the memory bandwidth of a shared machine drifts between benchmarks. The buffers of the last
+// size are kept, and the untimed warm-up run takes their page faults.
 inline double copy_bandwidth(double traffic_bytes, int threads) {
-  static std::map<std::pair<std::int64_t, int>, double> cache;
+  struct Buffers {
+    std::vector<unsigned char> source, target;
+  };
+  static Buffers pair;
   const std::int64_t bytes = std::max<std::int64_t>(1, static_cast<std::int64_t>(traffic_bytes / 2));
-  const auto key = std::make_pair(bytes, threads);
-  const auto found = cache.find(key);
-  if (found != cache.end()) return found->second;
+  if (pair.source.size() != static_cast<std::size_t>(bytes)) {
+    pair.source.assign(static_cast<std::size_t>(bytes), 1);
+    pair.target.assign(static_cast<std::size_t>(bytes), 0);
+  }
 
-  std::vector<unsigned char> source(static_cast<std::size_t>(bytes), 1);
-  std::vector<unsigned char> target(static_cast<std::size_t>(bytes), 0);
   constexpr std::int64_t kPiece = std::int64_t(1) << 20;
   const std::int64_t pieces = (bytes + kPiece - 1) / kPiece;
   const auto copy = [&] {
     pool(threads)->run(pieces, [&](Eigen::Index piece, int) {
       const std::int64_t begin = piece * kPiece;
       const std::int64_t size = std::min(kPiece, bytes - begin);
-      std::memcpy(target.data() + begin, source.data() + begin, static_cast<std::size_t>(size));
+      std::memcpy(pair.target.data() + begin, pair.source.data() + begin, static_cast<std::size_t>(size));
     });
     benchmark::ClobberMemory();
   };
   copy();
-  const double bandwidth = 2.0 * static_cast<double>(bytes) / median_seconds(7, copy);
-  cache.emplace(key, bandwidth);
-  return bandwidth;
+  return 2.0 * static_cast<double>(bytes) / median_seconds(5, copy);
 }
 
 // Sets tokens/s and bytes/s of the minimal traffic (over wall time), and copy_fraction, that

@@ -29,7 +29,8 @@
 //
 // Counters: items_per_second is tokens/s, bytes_per_second the minimal traffic per second, and
 // copy_fraction that rate divided by the bandwidth of std::memcpy moving the same number of
-// bytes on the same threads, measured in this binary (copy_GBps). All rates use wall time.
+// bytes on the same threads, measured in this binary (copy_GBps) once per size. All rates use
+// wall time. memory_copy times that copy with repetitions of its own, for a steadier baseline.
 //
 // Layer benchmarks, named kernel/type, with the arguments n (streams), C (channels),
 // T (tokens) and threads:
@@ -71,6 +72,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <string>
 #include <type_traits>
@@ -532,10 +534,36 @@ void register_mlp(const std::string& name, Function function, bool with_mhc, con
   }
 }
 
+// std::memcpy of MiB mebibytes in 1 MiB pieces spread over the threads, the copy that the
+// copy_fraction counters divide by. Its bytes_per_second counts reads plus writes (2 * MiB), and
+// its repetitions give a median that docs/benchmarks.md can quote for each thread count.
+void memory_copy(benchmark::State& state) {
+  const std::int64_t bytes = state.range(0) << 20;
+  const int threads = static_cast<int>(state.range(1));
+  std::vector<unsigned char> source(static_cast<std::size_t>(bytes), 1);
+  std::vector<unsigned char> target(static_cast<std::size_t>(bytes), 0);
+  constexpr std::int64_t kPiece = std::int64_t(1) << 20;
+  const Index pieces = static_cast<Index>((bytes + kPiece - 1) / kPiece);
+  for (auto _ : state) {
+    mhc::bench::pool(threads)->run(pieces, [&](Index piece, int) {
+      const std::int64_t begin = piece * kPiece;
+      const std::int64_t size = std::min(kPiece, bytes - begin);
+      std::memcpy(target.data() + begin, source.data() + begin, static_cast<std::size_t>(size));
+    });
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(2 * bytes * state.iterations());
+}
+
 void register_all(bool full) {
   const auto fused = layer_shapes(full, true);
   const auto fused_fixed_size = fixed_size_shapes(fused);
   const auto reference = layer_shapes(full, false);
+
+  // 256 MiB per buffer is about the size of x_next plus x at n = 4, C = 2048, T = 4096.
+  auto* copy = benchmark::RegisterBenchmark("memory_copy", memory_copy);
+  copy->ArgNames({"MiB", "threads"})->UseRealTime()->Unit(benchmark::kMillisecond);
+  for (int threads : {1, 2}) copy->Args({256, threads});
 
   register_layer("fused_prepare/float", fused_layer<float, Kernel::kPrepare>, fused);
   register_layer("fused_merge/float", fused_layer<float, Kernel::kMerge>, fused);
