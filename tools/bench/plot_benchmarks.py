@@ -175,9 +175,7 @@ def index_layer_medians(medians):
         except KeyError:
             continue  # not a layer benchmark, for example mlp_residual, which has no n
         if key in index:
-            note(f"{median.family}/{median.storage} n={key[2]} C={key[3]} T={key[4]} "
-                 f"threads={key[5]} appears twice; the first median is used")
-            continue
+            continue  # the first median wins, see main()
         index[key] = median
     return index
 
@@ -540,6 +538,10 @@ def parse_arguments(argv):
     parser.add_argument("output", help="SVG file to write (overwritten)")
     parser.add_argument("--title", default="mHC layer kernels on the CPU (bench/layer_bench)",
                         help="figure title (default: %(default)s)")
+    parser.add_argument("--add", action="append", default=[], metavar="JSON",
+                        help="another layer_bench JSON file whose medians fill in the benchmarks "
+                             "that INPUT lacks, for example the reference kernels of an earlier "
+                             "run; may be repeated. The caption describes INPUT's run.")
     return parser.parse_args(argv)
 
 
@@ -547,11 +549,13 @@ def main(argv=None):
     arguments = parse_arguments(argv)
     try:
         context, medians = read_medians(arguments.input)
+        added = [median for path in arguments.add for median in read_medians(path)[1]]
     except InputError as error:
         print(f"{PROGRAM}: error: {error}", file=sys.stderr)
         return 1
 
-    index = index_layer_medians(medians)
+    # The first median of a benchmark wins, so INPUT's come first and the added files fill gaps.
+    index = index_layer_medians(medians + added)
     copy_panel, copy_threads = build_copy_fraction_panel(index)
     speedup_panel, speedup_threads = build_speedup_panel(index)
     caption = describe_run(context, medians, copy_threads, speedup_threads)
