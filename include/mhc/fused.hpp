@@ -128,8 +128,9 @@ class Workspace {
   Scalar* gradient_buffer(Eigen::Index size) { return grow(gradients_, size); }
 
   // merge_streams writes an x_next, and merge_streams_backward a grad_x, larger than this many
-  // bytes with non-temporal stores, which skip reading each output line into the cache first. The default is the last-level cache
-  // size that Eigen detects: a larger output is evicted before anyone reads it back.
+  // bytes with non-temporal stores, which skip reading each output line into the cache first.
+  // The default is the last-level cache size that Eigen detects: a larger output is evicted
+  // before anyone reads it back.
   std::ptrdiff_t streaming_threshold_bytes = Eigen::l3CacheSize();
 
   // Whether n = 2, 4 and 8 run the kernels compiled for that stream count. false runs the path
@@ -557,9 +558,6 @@ void coefficients_backward_tokens(const Parameters<Scalar>& parameters, const Co
   rule.rms_epsilon = options.rms_epsilon;
   rule.width = width;
   rule.sinkhorn = options.sinkhorn;
-  const Scalar alpha[3] = {parameters.alpha_pre, parameters.alpha_post, parameters.alpha_res};
-  const Index block_begin[4] = {0, n, 2 * n, count};
-
   const Index channels = parameters.channels;
 
   // Per worker: the group's rows of x and of grad_x in Scalar (storage conversion only), the
@@ -649,22 +647,7 @@ void coefficients_backward_tokens(const Parameters<Scalar>& parameters, const Co
                                       scratch, solver ? &*solver : nullptr, grad_logits);
         std::fill(grad_logits + count, grad_logits + padded, Scalar(0));
 
-        // Logit k = alpha * projection_k / r + bias_k: the gradient of projection k is alpha / r
-        // times the logit's, and 1/r collects alpha * projection_k times the logit's.
-        Scalar grad_inverse_r(0);
-        for (int block = 0; block < 3; ++block) {
-          Scalar grad_alpha(0);
-          for (Index k = block_begin[block]; k < block_begin[block + 1]; ++k) {
-            partial[k] += grad_logits[k];
-            grad_alpha += grad_logits[k] * projection[k] * inverse_r;
-            grad_inverse_r += grad_logits[k] * alpha[block] * projection[k];
-            grad_logits[k] *= alpha[block] * inverse_r;
-          }
-          partial[count + block] += grad_alpha;
-        }
-        // 1/r = (mean(v^2) + epsilon)^(-1/2) of the token row v has the derivative
-        // -(1/r)^3 v / (n*C), so this token's row of grad_x gains scales[r] * v.
-        scales[r] = -grad_inverse_r * inverse_r * inverse_r * inverse_r / static_cast<Scalar>(width);
+        scales[r] = kernels::scale_logit_gradient(projection, inverse_r, rule, n, width, grad_logits, partial);
         gradients[r] = grad_logits;
       }
       if (group < G) {
