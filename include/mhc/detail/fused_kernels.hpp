@@ -68,8 +68,8 @@ inline void convert_row(const float* source, Index count, Eigen::bfloat16* targe
 }
 
 // Copies columns [0, columns) of `tokens` rows of x (row stride `stride`) to `packed` in the
-// order that accumulate_phi_gradient reads: tiles of kGradientTileRows columns (the last one
-// narrower), each stored token by token, so the tile starting at column i0 begins at
+// order that accumulate_phi_gradient reads. That is tiles of kGradientTileRows columns (the last
+// one narrower), each stored token by token. So the tile starting at column i0 begins at
 // packed + i0 * tokens and has row stride min(kGradientTileRows, columns - i0).
 // The segments of x are read row by row, and each is prefetched a few rows ahead, because they
 // come from memory and are too short for the hardware prefetcher to follow.
