@@ -692,4 +692,82 @@ TEST(FusedNonFinite, HugeFloatRowsKeepFiniteCoefficients) {
   EXPECT_TRUE(grad_parameters.phi.allFinite());
 }
 
+// The gradients through 1/r and the alphas multiply quantities that grow with x (the logit
+// gradients, through H_pre, and the projections). For float rows near 1e20 their plain products
+// overflowed; both backward implementations must stay finite and agree with a double reference.
+TEST(FusedNonFinite, HugeFloatRowsKeepFiniteGradients) {
+  const int n = 4;
+  const int channels = 8;
+  const Eigen::Index tokens = 5;
+  const Eigen::Index width = Eigen::Index(n) * channels;
+  auto parameters = mhc::Parameters<float>::identity(n, channels, 0);
+  parameters.phi = mhc::test::random_matrix<float>(width, parameters.coefficient_count(), 821, 0.1);
+  const RowMatrix<float> x = (random_state<double>(tokens, width, 822) * 1e20).cast<float>();
+  const RowMatrix<float> output = random_state<float>(tokens, channels, 823);
+  const RowMatrix<float> grad_next = random_state<float>(tokens, width, 824);
+  const RowMatrix<float> grad_input = random_state<float>(tokens, channels, 825);
+
+  mhc::fused::Workspace<float, float> workspace;
+  mhc::Coefficients<float> coefficients;
+  RowMatrix<float> input(tokens, channels), grad_x(tokens, width), grad_output(tokens, channels);
+  RowMatrix<float> grad_post, grad_res;
+  mhc::Parameters<float> grad_parameters;
+  mhc::fused::prepare_branch(parameters, x, coefficients, input, workspace);
+  mhc::fused::merge_streams_backward(coefficients, x, output, grad_next, grad_x, grad_output, grad_post, grad_res,
+                                     workspace);
+  mhc::fused::prepare_branch_backward(parameters, x, coefficients, grad_input, grad_post, grad_res, grad_x,
+                                      grad_parameters, workspace, mhc::Options{}, GradientWrite::kAdd);
+  EXPECT_TRUE(grad_x.allFinite());
+  EXPECT_TRUE(grad_parameters.phi.allFinite());
+  EXPECT_TRUE(grad_parameters.bias.allFinite());
+  EXPECT_TRUE(std::isfinite(grad_parameters.alpha_pre));
+  EXPECT_TRUE(std::isfinite(grad_parameters.alpha_post));
+  EXPECT_TRUE(std::isfinite(grad_parameters.alpha_res));
+
+  const auto merged_float = mhc::merge_backward(parameters, x, output, grad_next);
+  const auto reference_float = mhc::prepare_branch_backward(parameters, x, merged_float, grad_input);
+  EXPECT_TRUE(reference_float.x.allFinite());
+  EXPECT_TRUE(std::isfinite(reference_float.parameters.alpha_pre));
+  EXPECT_TRUE(std::isfinite(reference_float.parameters.alpha_res));
+
+  const auto double_parameters = to_double(parameters);
+  const auto merged = mhc::merge_backward(double_parameters, widen(x), widen(output), widen(grad_next));
+  const auto expected = mhc::prepare_branch_backward(double_parameters, widen(x), merged, widen(grad_input));
+  const double relative = 1e-3;
+  expect_near_matrix(grad_x, expected.x, relative, 0.0, "grad_x");
+  EXPECT_NEAR(double(grad_parameters.alpha_pre), expected.parameters.alpha_pre,
+              relative * std::abs(expected.parameters.alpha_pre));
+  EXPECT_NEAR(double(grad_parameters.alpha_res), expected.parameters.alpha_res,
+              relative * std::abs(expected.parameters.alpha_res));
+}
+
+TEST(FusedCoefficientsBackwardErrors, RejectsSharedOutputsAndBadGradientOption) {
+  const auto parameters = random_parameters<float>(3, 5, 831);
+  const RowMatrix<float> x = random_state<float>(4, 15, 832);
+  const RowMatrix<float> output = random_state<float>(4, 5, 833);
+  const auto grad = random_coefficient_gradients<float>(3, 4, 834);
+  mhc::fused::Workspace<float, float> workspace;
+  mhc::Coefficients<float> coefficients;
+  RowMatrix<float> input(4, 5), grad_x(4, 15), grad_output(4, 5);
+  mhc::fused::prepare_branch(parameters, x, coefficients, input, workspace);
+
+  RowMatrix<float> shared;
+  EXPECT_THROW(mhc::fused::merge_streams_backward(coefficients, x, output, x, grad_x, grad_output, shared, shared,
+                                                  workspace),
+               std::invalid_argument);
+
+  mhc::Options bad_gradient;
+  bad_gradient.sinkhorn.gradient = static_cast<mhc::SinkhornGradient>(7);
+  mhc::Parameters<float> grad_parameters;
+  try {
+    mhc::fused::coefficients_backward(parameters, x, grad.pre, grad.post, grad.res, grad_x, grad_parameters,
+                                      workspace, bad_gradient);
+    FAIL() << "expected std::invalid_argument";
+  } catch (const std::invalid_argument& error) {
+    EXPECT_EQ(std::string(error.what()),
+              "mhc::fused::coefficients_backward: invalid options.sinkhorn.gradient: expected "
+              "SinkhornGradient::unrolled or implicit, got 7");
+  }
+}
+
 }  // namespace

@@ -124,12 +124,14 @@ CoefficientsBackward<Parameters<Scalar>> compute_coefficients_backward(
         const Scalar scaled_projection = projections(t, k) * inverse_r;
         grad_alpha_token += grad_logits(k) * scaled_projection;
         grad_projections(t, k) = grad_logits(k) * alpha[block] * inverse_r;
-        grad_inverse_r += grad_logits(k) * alpha[block] * projections(t, k);
+        // Scaled by 1/r: for huge x both the logit gradient (through H_pre, which weights x) and
+        // the projection are large, and their plain product would overflow a float.
+        grad_inverse_r += grad_logits(k) * alpha[block] * scaled_projection;
       }
       grad_alpha[block] += grad_alpha_token;
     }
     inverse_rms(t) = inverse_r;
-    grad_inverse_rms(t) = grad_inverse_r;
+    grad_inverse_rms(t) = grad_inverse_r;  // the gradient of 1/r, times 1/r
   }
 
   CoefficientsBackward<Parameters<Scalar>> result;
@@ -142,13 +144,15 @@ CoefficientsBackward<Parameters<Scalar>> compute_coefficients_backward(
   result.parameters.alpha_res = grad_alpha[2];
 
   // Gradient of x through the projection, then through 1/r = (mean(v^2) + epsilon)^(-1/2) of the
-  // token row v, whose derivative is -(1/r)^3 v / (n*C).
+  // token row v, whose derivative is -(1/r)^3 v / (n*C). The factors are applied as
+  // ((-g / r) / (n*C) / r) (v / r), with g / r stored above, so no intermediate leaves the float
+  // range for huge v.
   result.x.noalias() = grad_projections * parameters.phi.transpose();
   const Scalar width = static_cast<Scalar>(x.cols());
   for (Eigen::Index t = 0; t < tokens; ++t) {
     const Scalar inverse_r = inverse_rms(t);
-    const Scalar factor = -grad_inverse_rms(t) * inverse_r * inverse_r * inverse_r / width;
-    result.x.row(t) += factor * x.row(t);
+    const Scalar factor = -grad_inverse_rms(t) / width * inverse_r;
+    result.x.row(t) += factor * (x.row(t) * inverse_r);
   }
   return result;
 }

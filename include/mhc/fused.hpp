@@ -26,7 +26,10 @@
 // block of rows), and all scratch memory lives in a Workspace that grows to the largest shape
 // seen and is then reused. A training loop that keeps its Workspace and Coefficients between
 // steps, and the gradient outputs too, allocates nothing per step in any kernel of this file
-// except fused::forward, whose branch returns a new matrix.
+// except fused::forward, whose branch returns a new matrix. That holds while T stays the same,
+// because the Coefficients, Projections and gradient matrices are resized to T rows.
+// An output must not overlap an input. The kernels compare the address ranges of the views, so
+// they also reject disjoint column blocks of one buffer whose rows interleave.
 // NOTE: coefficients_backward and prepare_branch_backward allocate a solver per chunk of tokens
 // for SinkhornGradient::implicit.
 //
@@ -200,6 +203,11 @@ inline void check_sinkhorn_options(const char* function, const SinkhornOptions& 
   if (options.method != SinkhornMethod::linear && options.method != SinkhornMethod::log_domain) {
     mhc::detail::throw_invalid_argument(function, "options.sinkhorn.method", "SinkhornMethod::linear or log_domain",
                                         mhc::detail::concat(static_cast<int>(options.method)));
+  }
+  if (options.gradient != SinkhornGradient::unrolled && options.gradient != SinkhornGradient::implicit) {
+    mhc::detail::throw_invalid_argument(function, "options.sinkhorn.gradient",
+                                        "SinkhornGradient::unrolled or implicit",
+                                        mhc::detail::concat(static_cast<int>(options.gradient)));
   }
 }
 
@@ -560,10 +568,10 @@ void coefficients_backward_tokens(const Parameters<Scalar>& parameters, const Co
   rule.sinkhorn = options.sinkhorn;
   const Index channels = parameters.channels;
 
-  // Per worker: the group's rows of x and of grad_x in Scalar (storage conversion only), the
-  // group's projections, a zero projection gradient and a spare output row for the unused slots
-  // of a partial group, the Sinkhorn scratch, then for the aggregation the group's dL/dH_pre and
-  // one row of dL/dh_in in Scalar.
+  // Per worker: the group's rows of x and of grad_x in Scalar (storage conversion only) and the
+  // group's projections. Then a zero projection gradient and a spare output row for the unused
+  // slots of a partial group, and the Sinkhorn scratch. Last, for the aggregation, the group's
+  // dL/dH_pre and one row of dL/dh_in in Scalar.
   const Index row_values = kConvert ? G * width : 0;
   const Index scratch_values = kernels::logit_gradient_scratch_size(n, options.sinkhorn);
   const Index aggregation_values = aggregation != nullptr ? G * n + channels : 0;
@@ -594,6 +602,7 @@ void coefficients_backward_tokens(const Parameters<Scalar>& parameters, const Co
       const Scalar* gradients[G];
       Scalar* outputs[G];
       Scalar scales[G];
+      Scalar inverse_rms[G];
       for (int r = 0; r < group; ++r) {
         if constexpr (kConvert) {
           Scalar* row = converted_rows + r * width;
@@ -648,6 +657,7 @@ void coefficients_backward_tokens(const Parameters<Scalar>& parameters, const Co
         std::fill(grad_logits + count, grad_logits + padded, Scalar(0));
 
         scales[r] = kernels::scale_logit_gradient(projection, inverse_r, rule, n, width, grad_logits, partial);
+        inverse_rms[r] = inverse_r;
         gradients[r] = grad_logits;
       }
       if (group < G) {
@@ -657,14 +667,17 @@ void coefficients_backward_tokens(const Parameters<Scalar>& parameters, const Co
       for (int r = group; r < G; ++r) {
         gradients[r] = zero_gradient;
         scales[r] = Scalar(0);
+        inverse_rms[r] = Scalar(0);
         outputs[r] = spare_row;
       }
 
       // After the aggregation's share, the outputs hold values to add to even when overwriting.
       if (kAccumulate || aggregation != nullptr) {
-        kernels::backproject_group<true>(gradients, count, buffers.transposed, width, rows, scales, outputs);
+        kernels::backproject_group<true>(gradients, count, buffers.transposed, width, rows, scales, inverse_rms,
+                                         outputs);
       } else {
-        kernels::backproject_group<false>(gradients, count, buffers.transposed, width, rows, scales, outputs);
+        kernels::backproject_group<false>(gradients, count, buffers.transposed, width, rows, scales, inverse_rms,
+                                          outputs);
       }
       if constexpr (kConvert) {
         for (int r = 0; r < group; ++r) kernels::convert_row(outputs[r], width, row_pointer<Storage>(grad_x, first + r));
@@ -675,9 +688,9 @@ void coefficients_backward_tokens(const Parameters<Scalar>& parameters, const Co
 
 // Pass 2 of the coefficient backward: grad_phi = x^T grad_projections (K x M). Each task owns
 // kPhiGradientRows rows of grad_phi and adds the tokens to them in steps of kPhiGradientTokens,
-// packing each step's block of x first. Every entry adds its tokens in order, so no partial sums
-// of grad_phi are stored (per chunk of 16 tokens they would be M / 16 times the size of x), and
-// the result does not depend on the number of threads.
+// packing each step's block of x first. Every entry adds its tokens in order, so the result does
+// not depend on the number of threads and no partial sums of grad_phi are stored. Per chunk of 16
+// tokens they would take M / 16 times the size of x.
 template <typename Storage, typename Scalar>
 void coefficient_parameter_gradient(const ConstRowMatrixRef<Storage>& x, const BackwardBuffers<Scalar>& buffers,
                                     RowMatrix<Scalar>& grad_phi, Workspace<Storage, Scalar>& workspace) {
@@ -939,6 +952,9 @@ void merge_streams_backward(const Coefficients<Scalar>& coefficients, const Cons
   check_disjoint_from_inputs("grad_x", grad_x);
   check_disjoint_from_inputs("grad_branch_output", grad_branch_output);
   detail::check_no_overlap(function, "grad_branch_output", "grad_x", grad_branch_output, grad_x);
+  if (&grad_post == &grad_res) {
+    mhc::detail::throw_invalid_argument(function, "grad_res", "an object other than grad_post", "the same object");
+  }
 
   grad_post.resize(x.rows(), n);
   grad_res.resize(x.rows(), Eigen::Index(n) * n);
@@ -1051,7 +1067,7 @@ void coefficients_backward(const Parameters<Scalar>& parameters, const ConstRowM
 // grad_x, GradientWrite::kAdd completes the layer's dL/dx; this matches
 // mhc::prepare_branch_backward to rounding.
 // The aggregation's backward runs inside the first pass of the coefficient backward, so x and
-// grad_x are read once for both; with bfloat16 storage grad_x is rounded once.
+// grad_x are read once for both. With bfloat16 storage grad_x is rounded once.
 template <typename Storage, typename Scalar>
 void prepare_branch_backward(const Parameters<Scalar>& parameters, const ConstRowMatrixRef<Storage>& x,
                              const Coefficients<Scalar>& coefficients,

@@ -555,9 +555,10 @@ void token_logit_gradient(const Acc* projection, Acc inverse_r, const Acc* grad_
 }
 
 // Turns the gradient of one token's logits into the gradient of its projections, in place, and
-// returns the factor by which the token's row of x enters dL/dx through 1/r. Adds the token's
-// share of the bias and alpha gradients to `partial` (M values, then alpha_pre, alpha_post,
-// alpha_res). `projection` is the token's vec(x) phi (M values) and `width` is n*C.
+// returns the factor c by which the token's row v of x enters dL/dx through 1/r: the term is
+// c * (v / r). Adds the token's share of the bias and alpha gradients to `partial` (M values,
+// then alpha_pre, alpha_post, alpha_res). `projection` is the token's vec(x) phi (M values) and
+// `width` is n*C.
 template <typename Acc>
 Acc scale_logit_gradient(const Acc* projection, Acc inverse_r, const CoefficientRule<Acc>& rule, int n, Index width,
                          Acc* grad_logits, Acc* partial) {
@@ -566,20 +567,24 @@ Acc scale_logit_gradient(const Acc* projection, Acc inverse_r, const Coefficient
   const Index block_begin[4] = {0, n, 2 * n, count};
 
   // Logit k = alpha * projection_k / r + bias_k: the gradient of projection k is alpha / r times
-  // the logit's, and 1/r collects alpha * projection_k times the logit's.
-  Acc grad_inverse_r(0);
+  // the logit's, and 1/r collects alpha * projection_k times the logit's. Every product takes
+  // projection_k / r first: for huge x both the logit gradient (through H_pre, which weights x)
+  // and the projection are large, and their plain product would overflow a float.
+  Acc scaled_grad_inverse_r(0);  // the gradient of 1/r, times 1/r
   for (int block = 0; block < 3; ++block) {
     Acc grad_alpha(0);
     for (Index k = block_begin[block]; k < block_begin[block + 1]; ++k) {
+      const Acc scaled_projection = projection[k] * inverse_r;
       partial[k] += grad_logits[k];
-      grad_alpha += grad_logits[k] * projection[k] * inverse_r;
-      grad_inverse_r += grad_logits[k] * alpha[block] * projection[k];
+      grad_alpha += grad_logits[k] * scaled_projection;
+      scaled_grad_inverse_r += grad_logits[k] * alpha[block] * scaled_projection;
       grad_logits[k] *= alpha[block] * inverse_r;
     }
     partial[count + block] += grad_alpha;
   }
-  // 1/r = (mean(v^2) + epsilon)^(-1/2) of the token row v has the derivative -(1/r)^3 v / (n*C).
-  return -grad_inverse_r * inverse_r * inverse_r * inverse_r / static_cast<Acc>(width);
+  // 1/r = (mean(v^2) + epsilon)^(-1/2) has the derivative -(1/r)^3 v / (n*C). Applied as
+  // c * (v / r) with c = -(g / r) / (n*C) / r, no intermediate leaves the float range.
+  return -scaled_grad_inverse_r / static_cast<Acc>(width) * inverse_r;
 }
 
 }  // namespace mhc::detail::fused

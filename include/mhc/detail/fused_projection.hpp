@@ -172,14 +172,16 @@ void pack_transposed(const RowMatrix<Acc>& phi, Acc* transposed) {
 // `weights` points to the step's first column in a panel of row stride `weight_stride`.
 template <bool kAccumulate, typename P, int U, typename Acc>
 void backproject_step(const Acc* const* grad, Index count, const Acc* weights, Index weight_stride,
-                      const Acc* const* x, const Acc* scale, Acc* const* out, Index first) {
+                      const Acc* const* x, const Acc* scale, const Acc* inverse_rms, Acc* const* out, Index first) {
   constexpr int L = Eigen::internal::unpacket_traits<P>::size;
   constexpr int G = kGroupTokens;
   P sums[G][U];
   for (int r = 0; r < G; ++r) {
     const P factor = Eigen::internal::pset1<P>(scale[r]);
+    const P inverse = Eigen::internal::pset1<P>(inverse_rms[r]);
     for (int u = 0; u < U; ++u) {
-      sums[r][u] = Eigen::internal::pmul(factor, Eigen::internal::ploadu<P>(x[r] + first + u * L));
+      const P normalised = Eigen::internal::pmul(inverse, Eigen::internal::ploadu<P>(x[r] + first + u * L));
+      sums[r][u] = Eigen::internal::pmul(factor, normalised);
     }
   }
   for (Index m = 0; m < count; ++m) {
@@ -201,13 +203,14 @@ void backproject_step(const Acc* const* grad, Index count, const Acc* weights, I
 }
 
 // For the kGroupTokens tokens r of a group, writes (or with kAccumulate, adds to out[r])
-//   out[r][k] = scale[r] * x[r][k] + sum_m grad[r][m] * phi[k][m],   k < depth,
-// the gradient of x through the projection plus the term of 1/r, which is a multiple of x.
+//   out[r][k] = scale[r] * (inverse_rms[r] * x[r][k]) + sum_m grad[r][m] * phi[k][m],   k < depth,
+// the gradient of x through the projection plus the term of 1/r, which is a multiple of x. x is
+// scaled by its 1/r first, so the term stays in range for huge x.
 // `transposed` is phi^T from pack_transposed and `count` the number M of projections. A step
 // of two packets of k keeps 2G accumulators, 2 weights and one broadcast in registers.
 template <bool kAccumulate, typename Acc>
 void backproject_group(const Acc* const* grad, Index count, const Acc* transposed, Index depth, const Acc* const* x,
-                       const Acc* scale, Acc* const* out) {
+                       const Acc* scale, const Acc* inverse_rms, Acc* const* out) {
   using P = Packet<Acc>;
   constexpr Index L = packet_size<Acc>;
   constexpr Index W = transposed_panel_width<Acc>;
@@ -215,16 +218,16 @@ void backproject_group(const Acc* const* grad, Index count, const Acc* transpose
     const Index width = std::min<Index>(W, depth - first);
     const Acc* panel = transposed + first * count;
     if (width == W) {
-      backproject_step<kAccumulate, P, 2>(grad, count, panel, W, x, scale, out, first);
+      backproject_step<kAccumulate, P, 2>(grad, count, panel, W, x, scale, inverse_rms, out, first);
       continue;
     }
     Index k = 0;
     for (; k + L <= width; k += L) {
-      backproject_step<kAccumulate, P, 1>(grad, count, panel + k, width, x, scale, out, first + k);
+      backproject_step<kAccumulate, P, 1>(grad, count, panel + k, width, x, scale, inverse_rms, out, first + k);
     }
     for (; k < width; ++k) {
       for (int r = 0; r < kGroupTokens; ++r) {
-        Acc sum = scale[r] * x[r][first + k];
+        Acc sum = scale[r] * (inverse_rms[r] * x[r][first + k]);
         for (Index m = 0; m < count; ++m) sum += grad[r][m] * panel[m * width + k];
         out[r][first + k] = kAccumulate ? out[r][first + k] + sum : sum;
       }
