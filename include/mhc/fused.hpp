@@ -864,6 +864,8 @@ void prepare_branch_backward(const char* function, const Parameters<Scalar>& par
 // Matches mhc::prepare_branch to rounding; see the file comment for types and threads.
 // A NaN or infinite entry of x throws std::invalid_argument, as in mhc::compute_coefficients,
 // but only after the pass, so the outputs are then partly written.
+// NOTE: x phi is computed in Scalar. Finite float rows large enough to overflow it (entries near
+// 1e37 with phi of order 1) give NaN coefficients here without an exception.
 template <typename Storage, typename Scalar>
 void prepare_branch(const Parameters<Scalar>& parameters, const ConstRowMatrixRef<Storage>& x,
                     Coefficients<Scalar>& coefficients, RowMatrixRef<Storage> branch_input,
