@@ -3,8 +3,10 @@
 // with the gradient of the projections, dL/dx = dP phi^T and dL/dphi = x^T dP.
 //
 // Each kernel keeps a tile of its output in vector registers and streams through a copy of phi
-// packed for its access pattern. The tile sizes are chosen for the register count of the target
-// (16 for SSE and AVX2, 32 for AVX-512), so every loop body below is free of spills.
+// packed for its access pattern. The tile sizes are chosen so that a tile, its operands and one
+// broadcast fit the register count of the target (16 for SSE and AVX2, 32 for AVX-512).
+// NOTE: whether the compiler keeps a tile in registers depends on its unrolling. GCC 12 at -O2
+// kept phi_gradient_tile's accumulators on the stack; the Release build uses -O3.
 #pragma once
 
 #include <mhc/common.hpp>
