@@ -396,7 +396,7 @@ TYPED_TEST(FusedTest, StreamingStoresMatchCachedStores) {
     mhc::fused::merge_streams(coefficients, x, output, streamed, workspace);
     EXPECT_EQ(streamed, cached);
 
-    // The merge backward streams grad_x under the same threshold; `cached` stands in for dx_next.
+    // The merge backward streams grad_x under the same threshold. `cached` serves as dx_next.
     RowMatrix<Storage> streamed_grad_x(tokens, n * channels), streamed_grad_output(tokens, channels);
     RowMatrix<Scalar> streamed_post, streamed_res;
     mhc::fused::merge_streams_backward(coefficients, x, output, cached, streamed_grad_x, streamed_grad_output,

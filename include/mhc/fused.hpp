@@ -26,7 +26,7 @@
 // block of rows), and all scratch memory lives in a Workspace that grows to the largest shape
 // seen and is then reused. A training loop that keeps its Workspace and Coefficients between
 // steps, and the gradient outputs too, allocates nothing per step in any kernel of this file
-// except fused::forward, whose branch returns a new matrix. That holds while T stays the same,
+// except fused::forward, whose branch returns a new matrix. That is true while T stays the same,
 // because the Coefficients, Projections and gradient matrices are resized to T rows.
 // An output must not overlap an input. The kernels compare the address ranges of the views, so
 // they also reject disjoint column blocks of one buffer whose rows interleave.
@@ -255,6 +255,41 @@ void dispatch_streams(int streams, Body&& body) {
   }
 }
 
+// The scalars that turn a token's projection into its coefficients.
+template <typename Scalar>
+mhc::detail::fused::CoefficientRule<Scalar> coefficient_rule(const Parameters<Scalar>& parameters, Index width,
+                                                             const Options& options) {
+  mhc::detail::fused::CoefficientRule<Scalar> rule;
+  rule.bias = parameters.bias.data();
+  rule.alpha_pre = parameters.alpha_pre;
+  rule.alpha_post = parameters.alpha_post;
+  rule.alpha_res = parameters.alpha_res;
+  rule.rms_epsilon = options.rms_epsilon;
+  rule.width = width;
+  rule.sinkhorn = options.sinkhorn;
+  return rule;
+}
+
+// Points rows[0..kGroupTokens) at the rows of x for tokens first .. first + group - 1, in Scalar:
+// converted into `converted_rows` (kGroupTokens rows of x.cols() values) when Storage differs
+// from Scalar. A partial group repeats row 0 in the unused slots, whose results the caller
+// ignores.
+template <typename Storage, typename Scalar>
+void load_group_rows(const ConstRowMatrixRef<Storage>& x, Index first, int group, Scalar* converted_rows,
+                     const Scalar** rows) {
+  const Index width = x.cols();
+  for (int r = 0; r < group; ++r) {
+    if constexpr (!std::is_same_v<Storage, Scalar>) {
+      Scalar* row = converted_rows + r * width;
+      mhc::detail::fused::convert_row(row_pointer<Storage>(x, first + r), width, row);
+      rows[r] = row;
+    } else {
+      rows[r] = row_pointer<Storage>(x, first + r);
+    }
+  }
+  for (int r = group; r < mhc::detail::fused::kGroupTokens; ++r) rows[r] = rows[0];
+}
+
 template <int N, typename Storage, typename Scalar>
 void prepare_branch_tokens(const Parameters<Scalar>& parameters, const ConstRowMatrixRef<Storage>& x,
                            Coefficients<Scalar>& coefficients, RowMatrixRef<Storage>& branch_input,
@@ -273,14 +308,7 @@ void prepare_branch_tokens(const Parameters<Scalar>& parameters, const ConstRowM
   Scalar* packed = workspace.projection_buffer(layout.packed_size());
   kernels::pack_projection(parameters.phi, layout, packed);
 
-  kernels::CoefficientRule<Scalar> rule;
-  rule.bias = parameters.bias.data();
-  rule.alpha_pre = parameters.alpha_pre;
-  rule.alpha_post = parameters.alpha_post;
-  rule.alpha_res = parameters.alpha_res;
-  rule.rms_epsilon = options.rms_epsilon;
-  rule.width = width;
-  rule.sinkhorn = options.sinkhorn;
+  const kernels::CoefficientRule<Scalar> rule = coefficient_rule(parameters, width, options);
 
   // Per worker: the projections of one group, then (storage conversion only) the group's rows
   // and one branch-input row in Scalar.
@@ -298,19 +326,7 @@ void prepare_branch_tokens(const Parameters<Scalar>& parameters, const ConstRowM
     for (Index first = chunk * kChunkTokens; first < chunk_end; first += kernels::kGroupTokens) {
       const int group = static_cast<int>(std::min<Index>(kernels::kGroupTokens, chunk_end - first));
       const Scalar* rows[kernels::kGroupTokens];
-      for (int r = 0; r < kernels::kGroupTokens; ++r) {
-        if (r >= group) {
-          rows[r] = rows[0];  // A partial group repeats row 0, and the extra projections are ignored.
-          continue;
-        }
-        if constexpr (kConvert) {
-          Scalar* row = converted_rows + r * width;
-          kernels::convert_row(row_pointer<Storage>(x, first + r), width, row);
-          rows[r] = row;
-        } else {
-          rows[r] = row_pointer<Storage>(x, first + r);
-        }
-      }
+      load_group_rows<Storage>(x, first, group, converted_rows, rows);
       kernels::project_group(rows, layout, packed, projections);
 
       for (int r = 0; r < group; ++r) {
@@ -558,14 +574,7 @@ void coefficients_backward_tokens(const Parameters<Scalar>& parameters, const Co
   const Index padded = buffers.layout.padded;
   const Index tokens = x.rows();
 
-  kernels::CoefficientRule<Scalar> rule;
-  rule.bias = parameters.bias.data();
-  rule.alpha_pre = parameters.alpha_pre;
-  rule.alpha_post = parameters.alpha_post;
-  rule.alpha_res = parameters.alpha_res;
-  rule.rms_epsilon = options.rms_epsilon;
-  rule.width = width;
-  rule.sinkhorn = options.sinkhorn;
+  const kernels::CoefficientRule<Scalar> rule = coefficient_rule(parameters, width, options);
   const Index channels = parameters.channels;
 
   // Per worker: the group's rows of x and of grad_x in Scalar (storage conversion only) and the
@@ -603,16 +612,7 @@ void coefficients_backward_tokens(const Parameters<Scalar>& parameters, const Co
       Scalar* outputs[G];
       Scalar scales[G];
       Scalar inverse_rms[G];
-      for (int r = 0; r < group; ++r) {
-        if constexpr (kConvert) {
-          Scalar* row = converted_rows + r * width;
-          kernels::convert_row(row_pointer<Storage>(x, first + r), width, row);
-          rows[r] = row;
-        } else {
-          rows[r] = row_pointer<Storage>(x, first + r);
-        }
-      }
-      for (int r = group; r < G; ++r) rows[r] = rows[0];
+      load_group_rows<Storage>(x, first, group, converted_rows, rows);
       if (kept == nullptr) kernels::project_group(rows, buffers.layout, buffers.packed, projection_data);
 
       for (int r = 0; r < group; ++r) {

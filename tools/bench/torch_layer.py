@@ -39,7 +39,7 @@ def make_inputs(streams, channels, tokens, dtype):
 def prepare_branch(x, phi, bias, streams, iterations=20, rms_epsilon=1e-6, alpha=(0.01, 0.01, 0.01)):
     """Return H_pre, H_post, H_res and h_in for every token of x (T x n*C).
 
-    alpha holds alpha_pre, alpha_post and alpha_res, as numbers or as tensors that need gradients.
+    alpha contains alpha_pre, alpha_post and alpha_res, as numbers or as tensors that need gradients.
     """
     tokens, width = x.shape
     channels = width // streams
@@ -111,7 +111,7 @@ def main():
         phi, bias = phi.double(), bias.double()
     n = arguments.streams
 
-    # As in the C++ benchmark, x_next stands in for dL/dx_next and h_out for dL/dh_in.
+    # As in the C++ benchmark, x_next serves as dL/dx_next and h_out as dL/dh_in.
     with torch.no_grad():
         pre, post, mixing, _ = prepare_branch(x, phi, bias, n)
         grad_next = merge_streams(post, mixing, x, branch_output, n)
